@@ -1,0 +1,3 @@
+from migtap.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Decoding device state with the VMSD JSON (vmdesc)."""

@@ -1,0 +1,1 @@
+"""Observers of chunks and events: capture files, progress logs."""

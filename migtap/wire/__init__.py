@@ -1,0 +1,1 @@
+"""Sans-IO parsers of the QEMU migration stream: no asyncio, sockets, files or logging here."""
