@@ -5,12 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+_ROOTS = (SHARED, SHARED / "reference", SHARED / "reference" / "fixtures-qemu-7.2")
 
 
 def fixture(name: str) -> Path:
-    """Path of ``name`` under the shared reference directory; fails clearly if it is missing."""
-    path = SHARED / "reference" / name
-    if not path.is_file():
-        msg = f"shared fixture {name!r} not found at {path} (is {SHARED} mounted?)"
-        raise FileNotFoundError(msg)
-    return path
+    """Path of ``name`` relative to shared/, shared/reference/ or its fixtures-qemu-7.2/.
+
+    Fails with a clear message, rather than letting a test skip, when the file is missing.
+    """
+    for root in _ROOTS:
+        path = root / name
+        if path.is_file():
+            return path
+    tried = ", ".join(str(root / name) for root in _ROOTS)
+    msg = f"shared fixture {name!r} not found (tried {tried}); is {SHARED} present?"
+    raise FileNotFoundError(msg)
