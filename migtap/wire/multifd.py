@@ -1,0 +1,384 @@
+"""Sans-IO parser for one multifd channel (src->dst), reference §5.
+
+A channel is a 64-byte ``MultiFDInit_t`` followed by packets. A RAM packet is a fixed-length header
+(``320 + 8 * page_count`` bytes, where ``page_count = MULTIFD_PACKET_SIZE // page_size``; both QEMUs
+compute it locally, it is not on the wire) and then its payload; from 10.0 a packet whose flags have
+``MULTIFD_FLAG_DEVICE_STATE`` has a 276-byte header instead. Payload bytes are counted and skipped,
+never buffered; only headers are kept, in a bytearray capped at the largest header length.
+
+Layout facts, all versions 7.2..master unless noted:
+
+* the init message and every packet carry ``MULTIFD_MAGIC`` and ``MULTIFD_VERSION`` (1);
+* ``zero_pages`` (offset 32) exists from 9.0; before it is the first unused word, always 0;
+* payload of a RAM packet: ``normal_pages * page_size`` bytes uncompressed, ``next_packet_size``
+  bytes compressed, and nothing when ``normal_pages == 0`` (7.2-8.1 leave a stale
+  ``next_packet_size`` in empty packets, so it is never trusted for the uncompressed case);
+* 7.2-8.2 SYNC packets may carry pages; 9.0+ SYNC packets never do (same rule covers both);
+* ``ramblock`` and unused ``offset[]`` slots may be stale before 9.2: reported, never checked.
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid
+from dataclasses import dataclass
+from enum import Enum
+from typing import Final, assert_never
+
+from typing_extensions import Buffer
+
+from migtap.errors import StreamError, TruncatedStream, UnsupportedStream
+
+MULTIFD_MAGIC: Final = 0x11223344
+MULTIFD_VERSION: Final = 1
+MULTIFD_PACKET_SIZE: Final = 512 * 1024
+
+MULTIFD_FLAG_SYNC: Final = 1 << 0
+MULTIFD_FLAG_COMPRESSION_MASK: Final = 0x3E  # 9.2+ width; 7.2-9.0 used 0x0E, 9.1 0x1E
+MULTIFD_FLAG_NOCOMP: Final = 0 << 1
+MULTIFD_FLAG_ZLIB: Final = 1 << 1
+MULTIFD_FLAG_ZSTD: Final = 2 << 1
+MULTIFD_FLAG_QPL: Final = 4 << 1  # 9.1+
+MULTIFD_FLAG_UADK: Final = 8 << 1  # 9.1+
+MULTIFD_FLAG_QATZIP: Final = 16 << 1  # 9.2+
+MULTIFD_FLAG_DEVICE_STATE: Final = 1 << 6  # 10.0+
+MULTIFD_KNOWN_FLAGS: Final = (
+    MULTIFD_FLAG_SYNC | MULTIFD_FLAG_COMPRESSION_MASK | MULTIFD_FLAG_DEVICE_STATE
+)
+MULTIFD_COMPRESSIONS: Final = frozenset(
+    {
+        MULTIFD_FLAG_NOCOMP,
+        MULTIFD_FLAG_ZLIB,
+        MULTIFD_FLAG_ZSTD,
+        MULTIFD_FLAG_QPL,
+        MULTIFD_FLAG_UADK,
+        MULTIFD_FLAG_QATZIP,
+    }
+)
+
+MULTIFD_INIT_SIZE: Final = 64  # MultiFDInit_t
+MULTIFD_HDR_SIZE: Final = 12  # MultiFDPacketHdr_t: magic, version, flags
+MULTIFD_RAM_HDR_FIXED: Final = 320  # MultiFDPacket_t up to offset[]
+MULTIFD_DEVICE_STATE_HDR_SIZE: Final = 276  # MultiFDPacketDeviceState_t
+MULTIFD_IDSTR_SIZE: Final = 256  # ramblock / idstr fields, NUL-padded
+
+_INIT = struct.Struct(">II16sB")
+_RAM = struct.Struct(">IIIIIIQI")  # magic version flags alloc normal next packet_num zero
+_DEVICE_STATE_TAIL = struct.Struct(">II")  # instance_id, next_packet_size (at 268)
+
+
+@dataclass(frozen=True, slots=True)
+class MultifdInit:
+    offset: int  # absolute channel offset of the magic (always 0)
+    version: int
+    uuid: uuid.UUID  # source VM UUID; all zero without -uuid
+    channel_id: int  # a single byte, so no endianness (reference §5.1)
+
+
+@dataclass(frozen=True, slots=True)
+class MultifdPacket:
+    offset: int  # absolute channel offset of the packet magic
+    flags: int
+    packet_num: int  # global sequence number across all channels
+    pages_alloc: int  # sender's page_count (master SYNC packets: 0)
+    normal_pages: int
+    zero_pages: int  # 9.0+; 0 before
+    next_packet_size: int  # as sent; stale in 7.2-8.1 empty packets
+    ramblock: str  # may be stale (previous block) before 9.2
+    payload_bytes: int  # bytes that follow the header (skipped)
+
+    @property
+    def sync(self) -> bool:
+        return bool(self.flags & MULTIFD_FLAG_SYNC)
+
+    @property
+    def compression(self) -> int:
+        return self.flags & MULTIFD_FLAG_COMPRESSION_MASK
+
+
+@dataclass(frozen=True, slots=True)
+class MultifdDeviceState:
+    offset: int  # absolute channel offset of the packet magic
+    flags: int
+    idstr: str
+    instance_id: int
+    payload_bytes: int  # next_packet_size: device state bytes that follow (skipped)
+
+
+MultifdEvent = MultifdInit | MultifdPacket | MultifdDeviceState
+
+
+@dataclass(slots=True)
+class MultifdStats:
+    """Running totals, updated as bytes are fed; the live tap reads them without events."""
+
+    packets: int = 0  # RAM packets, SYNC ones included
+    sync_packets: int = 0
+    normal_pages: int = 0
+    zero_pages: int = 0
+    device_state_packets: int = 0
+    payload_bytes: int = 0  # payload bytes skipped so far (pages, compressed data, device state)
+    bytes: int = 0  # every byte consumed, headers included
+
+
+class _State(Enum):
+    INIT = "multifd init message"
+    PACKET_HEADER = "multifd packet header"
+    RAM_HEADER = "multifd RAM packet header"
+    DEVICE_STATE_HEADER = "multifd device-state packet header"
+    PAYLOAD = "multifd packet payload"
+    EOF = "end of channel"
+    ERROR = "error"
+
+
+def be32(buf: Buffer, at: int = 0) -> int:
+    return int.from_bytes(memoryview(buf)[at : at + 4], "big")
+
+
+def _cstring(raw: bytes) -> str:
+    """A NUL-padded fixed-size name field; never fails, whatever the bytes."""
+    return raw.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
+
+
+class MultifdParser:
+    """Parse one multifd channel: ``feed(data) -> events``, ``feed_eof() -> events``."""
+
+    def __init__(self, page_size: int = 4096) -> None:
+        if page_size <= 0 or page_size & (page_size - 1) or page_size > MULTIFD_PACKET_SIZE:
+            raise ValueError(f"page_size must be a power of two <= 512 KiB, got {page_size}")
+        self.page_size = page_size
+        self.page_count = MULTIFD_PACKET_SIZE // page_size
+        self.ram_header_size = MULTIFD_RAM_HDR_FIXED + 8 * self.page_count
+        self.stats = MultifdStats()
+        self._state = _State.INIT
+        self._buf = bytearray()
+        self._offset = 0  # absolute offset of the next byte to consume
+        self._record_offset = 0  # where the record being read started
+        self._remaining = 0  # payload bytes still to skip
+        self._error: StreamError | None = None
+
+    @property
+    def offset(self) -> int:
+        return self._offset
+
+    @property
+    def state(self) -> str:
+        return self._state.value
+
+    def feed(self, data: Buffer) -> list[MultifdEvent]:
+        self._check_usable()
+        view = memoryview(data).cast("B")
+        events: list[MultifdEvent] = []
+        pos, end = 0, len(view)
+        try:
+            while pos < end:
+                pos = self._step(view, pos, events)
+        except StreamError as exc:
+            self._state, self._error = _State.ERROR, exc
+            raise
+        finally:
+            view.release()
+        return events
+
+    def feed_eof(self) -> list[MultifdEvent]:
+        self._check_usable()
+        state = self._state
+        at_boundary = state is _State.PACKET_HEADER and not self._buf
+        empty = state is _State.INIT and self._offset == 0
+        self._state = _State.EOF
+        if at_boundary or empty:
+            return []
+        if state is _State.PAYLOAD:
+            what = f"{self._remaining} more payload bytes of the packet at {self._record_offset}"
+        else:
+            what = f"the rest of the {state.value} at {self._record_offset}"
+        exc = TruncatedStream(
+            f"multifd channel ended inside a record: expected {what}",
+            offset=self._offset,
+            state=state.value,
+        )
+        self._state, self._error = _State.ERROR, exc
+        raise exc
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self._state is _State.ERROR:
+            assert self._error is not None
+            raise StreamError(
+                f"multifd parser stopped by an earlier error: {self._error}",
+                offset=self._offset,
+                state=_State.ERROR.value,
+            ) from self._error
+        if self._state is _State.EOF:
+            raise StreamError(
+                "multifd parser fed after EOF", offset=self._offset, state=_State.EOF.value
+            )
+
+    def _fill(self, view: memoryview, pos: int, size: int) -> int:
+        """Copy up to ``size - len(buf)`` bytes into the header buffer; return the new pos."""
+        take = min(size - len(self._buf), len(view) - pos)
+        self._buf += view[pos : pos + take]
+        self._offset += take
+        self.stats.bytes += take
+        return pos + take
+
+    def _error_at(self, message: str, at: int, cls: type[StreamError] = StreamError) -> StreamError:
+        return cls(message, offset=at, state=self._state.value)
+
+    def _step(self, view: memoryview, pos: int, events: list[MultifdEvent]) -> int:
+        match self._state:
+            case _State.INIT:
+                return self._read_init(view, pos, events)
+            case _State.PACKET_HEADER:
+                return self._read_packet_header(view, pos)
+            case _State.RAM_HEADER:
+                return self._read_ram_header(view, pos, events)
+            case _State.DEVICE_STATE_HEADER:
+                return self._read_device_state_header(view, pos, events)
+            case _State.PAYLOAD:
+                return self._skip_payload(view, pos)
+            case _State.EOF | _State.ERROR:  # pragma: no cover - feed() checks first
+                raise self._error_at("multifd parser is closed", self._offset)
+            case _:  # pragma: no cover
+                assert_never(self._state)
+
+    def _check_magic_version(self, record: str) -> None:
+        magic, version = be32(self._buf, 0), be32(self._buf, 4)
+        if magic != MULTIFD_MAGIC:
+            raise self._error_at(
+                f"bad magic in {record}: expected {MULTIFD_MAGIC:#010x}, got {magic:#010x}",
+                self._record_offset,
+            )
+        if version != MULTIFD_VERSION:
+            raise self._error_at(
+                f"unsupported {record} version {version}, expected {MULTIFD_VERSION}",
+                self._record_offset + 4,
+                UnsupportedStream,
+            )
+
+    # -- one method per state --------------------------------------------------------------------
+
+    def _read_init(self, view: memoryview, pos: int, events: list[MultifdEvent]) -> int:
+        pos = self._fill(view, pos, MULTIFD_INIT_SIZE)
+        if len(self._buf) < MULTIFD_INIT_SIZE:
+            return pos
+        self._check_magic_version("multifd init message")
+        _, version, raw_uuid, channel_id = _INIT.unpack_from(self._buf)
+        events.append(
+            MultifdInit(self._record_offset, version, uuid.UUID(bytes=raw_uuid), channel_id)
+        )
+        self._next_record()
+        return pos
+
+    def _next_record(self) -> None:
+        del self._buf[:]
+        self._record_offset = self._offset
+        self._state = _State.PACKET_HEADER
+
+    def _read_packet_header(self, view: memoryview, pos: int) -> int:
+        pos = self._fill(view, pos, MULTIFD_HDR_SIZE)
+        if len(self._buf) < MULTIFD_HDR_SIZE:
+            return pos
+        self._check_magic_version("multifd packet")
+        flags = be32(self._buf, 8)
+        if flags & ~MULTIFD_KNOWN_FLAGS:
+            raise self._error_at(
+                f"multifd packet has unknown flags {flags & ~MULTIFD_KNOWN_FLAGS:#x} "
+                f"(flags {flags:#x}, known {MULTIFD_KNOWN_FLAGS:#x})",
+                self._record_offset + 8,
+                UnsupportedStream,
+            )
+        compression = flags & MULTIFD_FLAG_COMPRESSION_MASK
+        if compression not in MULTIFD_COMPRESSIONS:
+            raise self._error_at(
+                f"multifd packet has unknown compression bits {compression:#x} (flags {flags:#x})",
+                self._record_offset + 8,
+                UnsupportedStream,
+            )
+        if flags & MULTIFD_FLAG_DEVICE_STATE:
+            self._state = _State.DEVICE_STATE_HEADER
+        else:
+            self._state = _State.RAM_HEADER
+        return pos
+
+    def _read_ram_header(self, view: memoryview, pos: int, events: list[MultifdEvent]) -> int:
+        pos = self._fill(view, pos, self.ram_header_size)
+        if len(self._buf) < self.ram_header_size:
+            return pos
+        _, _, flags, alloc, normal, next_size, packet_num, zero = _RAM.unpack_from(self._buf)
+        at = self._record_offset
+        if alloc > self.page_count:
+            raise self._error_at(
+                f"multifd packet claims {alloc} allocated pages, at most {self.page_count} "
+                f"fit a packet with {self.page_size}-byte pages (is page_size right?)",
+                at + 12,
+            )
+        if normal > self.page_count:
+            raise self._error_at(
+                f"multifd packet has {normal} normal pages, at most {self.page_count} expected",
+                at + 16,
+            )
+        if zero > self.page_count - normal:
+            raise self._error_at(
+                f"multifd packet has {zero} zero pages after {normal} normal ones, "
+                f"at most {self.page_count - normal} expected",
+                at + 32,
+            )
+        ramblock = _cstring(bytes(self._buf[64:MULTIFD_RAM_HDR_FIXED]))
+        if normal == 0:
+            payload = 0
+        elif flags & MULTIFD_FLAG_COMPRESSION_MASK == MULTIFD_FLAG_NOCOMP:
+            payload = normal * self.page_size
+        else:
+            payload = next_size
+        stats = self.stats
+        stats.packets += 1
+        stats.sync_packets += flags & MULTIFD_FLAG_SYNC
+        stats.normal_pages += normal
+        stats.zero_pages += zero
+        events.append(
+            MultifdPacket(at, flags, packet_num, alloc, normal, zero, next_size, ramblock, payload)
+        )
+        self._start_payload(payload)
+        return pos
+
+    def _read_device_state_header(
+        self, view: memoryview, pos: int, events: list[MultifdEvent]
+    ) -> int:
+        pos = self._fill(view, pos, MULTIFD_DEVICE_STATE_HDR_SIZE)
+        if len(self._buf) < MULTIFD_DEVICE_STATE_HDR_SIZE:
+            return pos
+        flags = be32(self._buf, 8)
+        if flags & MULTIFD_FLAG_COMPRESSION_MASK != MULTIFD_FLAG_NOCOMP:
+            raise self._error_at(
+                f"multifd device-state packet has compression flags {flags:#x}, expected none",
+                self._record_offset + 8,
+                UnsupportedStream,
+            )
+        idstr_end = MULTIFD_HDR_SIZE + MULTIFD_IDSTR_SIZE
+        idstr = _cstring(bytes(self._buf[MULTIFD_HDR_SIZE:idstr_end]))
+        instance_id, size = _DEVICE_STATE_TAIL.unpack_from(self._buf, idstr_end)
+        self.stats.device_state_packets += 1
+        events.append(MultifdDeviceState(self._record_offset, flags, idstr, instance_id, size))
+        self._start_payload(size)
+        return pos
+
+    def _start_payload(self, size: int) -> None:
+        if size:
+            del self._buf[:]
+            self._remaining = size
+            self._state = _State.PAYLOAD  # _record_offset stays at the packet, for messages
+        else:
+            self._next_record()
+
+    def _skip_payload(self, view: memoryview, pos: int) -> int:
+        take = min(self._remaining, len(view) - pos)
+        self._remaining -= take
+        self._offset += take
+        self.stats.bytes += take
+        self.stats.payload_bytes += take
+        if not self._remaining:
+            self._record_offset = self._offset
+            self._state = _State.PACKET_HEADER
+        return pos + take

@@ -1,0 +1,381 @@
+"""Sans-IO parser for the return path (dst->src bytes on the main socket), reference §6.
+
+Each message is a be16 type, a be16 payload length and the payload (at most 512 bytes, the source's
+limit in ``source_return_path_thread``). One message breaks that framing: ``RECV_BITMAP`` (postcopy
+recovery) is followed, outside its length, by a be64 bitmap size, that many bitmap bytes and a be64
+end mark (``ramblock_recv_bitmap_send``). The bitmap is counted and skipped, never buffered.
+
+Lengths are checked as the source checks them (``rp_cmd_args``): a fixed-length type with another
+length, type 0 (INVALID), or a payload over 512 bytes is a :class:`StreamError`; a type above the
+known ones (8+, none in 7.2..master) is an :class:`UnsupportedStream`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum, IntEnum
+from typing import Final, assert_never
+
+from typing_extensions import Buffer
+
+from migtap.errors import StreamError, TruncatedStream, UnsupportedStream
+
+MIG_RP_HEADER_SIZE: Final = 4
+MIG_RP_MAX_PAYLOAD: Final = 512  # max_len in source_return_path_thread
+MIGRATION_RESUME_ACK_VALUE: Final = 1
+RAMBLOCK_RECV_BITMAP_ENDING: Final = 0x0123456789ABCDEF
+RECV_BITMAP_SIZE_FIELD: Final = 8  # be64 size before the bitmap, be64 end mark after it
+
+
+class MigRpMessageType(IntEnum):
+    MIG_RP_MSG_INVALID = 0
+    MIG_RP_MSG_SHUT = 1
+    MIG_RP_MSG_PONG = 2
+    MIG_RP_MSG_REQ_PAGES_ID = 3
+    MIG_RP_MSG_REQ_PAGES = 4
+    MIG_RP_MSG_RECV_BITMAP = 5
+    MIG_RP_MSG_RESUME_ACK = 6
+    MIG_RP_MSG_SWITCHOVER_ACK = 7  # 8.1+
+
+
+MIG_RP_MSG_SHUT: Final = MigRpMessageType.MIG_RP_MSG_SHUT
+MIG_RP_MSG_PONG: Final = MigRpMessageType.MIG_RP_MSG_PONG
+MIG_RP_MSG_REQ_PAGES_ID: Final = MigRpMessageType.MIG_RP_MSG_REQ_PAGES_ID
+MIG_RP_MSG_REQ_PAGES: Final = MigRpMessageType.MIG_RP_MSG_REQ_PAGES
+MIG_RP_MSG_RECV_BITMAP: Final = MigRpMessageType.MIG_RP_MSG_RECV_BITMAP
+MIG_RP_MSG_RESUME_ACK: Final = MigRpMessageType.MIG_RP_MSG_RESUME_ACK
+MIG_RP_MSG_SWITCHOVER_ACK: Final = MigRpMessageType.MIG_RP_MSG_SWITCHOVER_ACK
+
+# rp_cmd_args: fixed payload lengths; None = variable (checked by the decoder).
+RP_MSG_LENGTHS: Final[dict[MigRpMessageType, int | None]] = {
+    MIG_RP_MSG_SHUT: 4,
+    MIG_RP_MSG_PONG: 4,
+    MIG_RP_MSG_REQ_PAGES_ID: None,
+    MIG_RP_MSG_REQ_PAGES: 12,
+    MIG_RP_MSG_RECV_BITMAP: None,
+    MIG_RP_MSG_RESUME_ACK: 4,
+    MIG_RP_MSG_SWITCHOVER_ACK: 0,
+}
+
+_REQ_SIZE: Final = 12  # be64 start, be32 length
+
+
+@dataclass(frozen=True, slots=True)
+class RpShut:
+    offset: int  # absolute offset of the message type field
+    value: int  # 0 = the destination finished fine; non-zero = it failed
+
+
+@dataclass(frozen=True, slots=True)
+class RpPong:
+    offset: int
+    value: int  # echo of the PING value
+
+
+@dataclass(frozen=True, slots=True)
+class RpReqPagesId:
+    offset: int
+    start: int  # byte offset inside the block
+    length: int  # bytes requested
+    ramblock: str
+
+
+@dataclass(frozen=True, slots=True)
+class RpReqPages:
+    offset: int
+    start: int
+    length: int
+    ramblock: str | None  # the block last named by a REQ_PAGES_ID (None if none came yet)
+
+
+@dataclass(frozen=True, slots=True)
+class RpRecvBitmap:
+    offset: int  # of the message; emitted once the trailing bitmap size has been read
+    ramblock: str
+    bitmap_bytes: int  # size of the little-endian bitmap that follows (skipped)
+
+
+@dataclass(frozen=True, slots=True)
+class RpResumeAck:
+    offset: int
+    value: int  # MIGRATION_RESUME_ACK_VALUE
+
+
+@dataclass(frozen=True, slots=True)
+class RpSwitchoverAck:
+    offset: int
+
+
+ReturnPathEvent = (
+    RpShut | RpPong | RpReqPagesId | RpReqPages | RpRecvBitmap | RpResumeAck | RpSwitchoverAck
+)
+
+
+class _State(Enum):
+    HEADER = "return-path message header"
+    PAYLOAD = "return-path message payload"
+    BITMAP_SIZE = "RECV_BITMAP bitmap size"
+    BITMAP = "RECV_BITMAP bitmap"
+    BITMAP_END = "RECV_BITMAP end mark"
+    EOF = "end of return path"
+    ERROR = "error"
+
+
+def be16(buf: Buffer, at: int = 0) -> int:
+    return int.from_bytes(memoryview(buf)[at : at + 2], "big")
+
+
+def be32(buf: Buffer, at: int = 0) -> int:
+    return int.from_bytes(memoryview(buf)[at : at + 4], "big")
+
+
+def be64(buf: Buffer, at: int = 0) -> int:
+    return int.from_bytes(memoryview(buf)[at : at + 8], "big")
+
+
+def _cstr(payload: bytes, at: int) -> tuple[str, int] | None:
+    """A counted string at ``at``: (text, end) or None when the payload is too short."""
+    if at >= len(payload):
+        return None
+    end = at + 1 + payload[at]
+    if end > len(payload):
+        return None
+    return payload[at + 1 : end].decode("utf-8", "backslashreplace"), end
+
+
+class ReturnPathParser:
+    """Parse dst->src return-path bytes: ``feed(data) -> events``, ``feed_eof() -> events``."""
+
+    def __init__(self) -> None:
+        self._state = _State.HEADER
+        self._buf = bytearray()
+        self._offset = 0  # absolute offset of the next byte to consume
+        self._record_offset = 0  # start of the message being read
+        self._msg_type = 0
+        self._msg_len = 0
+        self._remaining = 0  # bitmap bytes still to skip
+        self._bitmap_block = ""
+        self._last_block: str | None = None
+        self._error: StreamError | None = None
+        self.messages = 0
+        self.bitmap_bytes = 0
+
+    @property
+    def offset(self) -> int:
+        return self._offset
+
+    @property
+    def state(self) -> str:
+        return self._state.value
+
+    def feed(self, data: Buffer) -> list[ReturnPathEvent]:
+        self._check_usable()
+        view = memoryview(data).cast("B")
+        events: list[ReturnPathEvent] = []
+        pos, end = 0, len(view)
+        try:
+            while pos < end:
+                pos = self._step(view, pos, events)
+        except StreamError as exc:
+            self._state, self._error = _State.ERROR, exc
+            raise
+        finally:
+            view.release()
+        return events
+
+    def feed_eof(self) -> list[ReturnPathEvent]:
+        self._check_usable()
+        state = self._state
+        self._state = _State.EOF
+        if state is _State.HEADER and not self._buf:
+            return []
+        if state is _State.BITMAP:
+            what = f"{self._remaining} more bitmap bytes"
+        else:
+            what = f"the rest of the {state.value}"
+        exc = TruncatedStream(
+            f"return path ended inside the message at {self._record_offset}: expected {what}",
+            offset=self._offset,
+            state=state.value,
+        )
+        self._state, self._error = _State.ERROR, exc
+        raise exc
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self._state is _State.ERROR:
+            assert self._error is not None
+            raise StreamError(
+                f"return-path parser stopped by an earlier error: {self._error}",
+                offset=self._offset,
+                state=_State.ERROR.value,
+            ) from self._error
+        if self._state is _State.EOF:
+            raise StreamError(
+                "return-path parser fed after EOF", offset=self._offset, state=_State.EOF.value
+            )
+
+    def _fill(self, view: memoryview, pos: int, size: int) -> int:
+        take = min(size - len(self._buf), len(view) - pos)
+        self._buf += view[pos : pos + take]
+        self._offset += take
+        return pos + take
+
+    def _error_at(
+        self, message: str, cls: type[StreamError] = StreamError, at: int | None = None
+    ) -> StreamError:
+        where = self._record_offset if at is None else at
+        return cls(message, offset=where, state=self._state.value)
+
+    def _step(self, view: memoryview, pos: int, events: list[ReturnPathEvent]) -> int:
+        match self._state:
+            case _State.HEADER:
+                return self._read_header(view, pos, events)
+            case _State.PAYLOAD:
+                return self._read_payload(view, pos, events)
+            case _State.BITMAP_SIZE:
+                return self._read_bitmap_size(view, pos, events)
+            case _State.BITMAP:
+                return self._skip_bitmap(view, pos)
+            case _State.BITMAP_END:
+                return self._read_bitmap_end(view, pos)
+            case _State.EOF | _State.ERROR:  # pragma: no cover - feed() checks first
+                raise self._error_at("return-path parser is closed")
+            case _:  # pragma: no cover
+                assert_never(self._state)
+
+    def _done(self) -> None:
+        del self._buf[:]
+        self._record_offset = self._offset
+        self._state = _State.HEADER
+        self.messages += 1
+
+    # -- one method per state --------------------------------------------------------------------
+
+    def _read_header(self, view: memoryview, pos: int, events: list[ReturnPathEvent]) -> int:
+        pos = self._fill(view, pos, MIG_RP_HEADER_SIZE)
+        if len(self._buf) < MIG_RP_HEADER_SIZE:
+            return pos
+        msg_type, length = be16(self._buf), be16(self._buf, 2)
+        if msg_type == MigRpMessageType.MIG_RP_MSG_INVALID:
+            raise self._error_at("return-path message of type 0 (INVALID), expected 1..7")
+        if msg_type > max(MigRpMessageType):
+            raise self._error_at(
+                f"return-path message of unknown type {msg_type} (length {length}), "
+                f"expected 1..{max(MigRpMessageType):d}",
+                UnsupportedStream,
+            )
+        kind = MigRpMessageType(msg_type)
+        if length > MIG_RP_MAX_PAYLOAD:
+            raise self._error_at(
+                f"return-path {kind.name} has length {length}, at most {MIG_RP_MAX_PAYLOAD} allowed"
+            )
+        expected = RP_MSG_LENGTHS[kind]
+        if expected is not None and length != expected:
+            raise self._error_at(
+                f"return-path {kind.name} has length {length}, expected {expected}"
+            )
+        del self._buf[:]
+        self._msg_type, self._msg_len = msg_type, length
+        self._state = _State.PAYLOAD
+        if length == 0:
+            self._decode(b"", events)
+        return pos
+
+    def _read_payload(self, view: memoryview, pos: int, events: list[ReturnPathEvent]) -> int:
+        pos = self._fill(view, pos, self._msg_len)
+        if len(self._buf) == self._msg_len:
+            self._decode(bytes(self._buf), events)
+        return pos
+
+    def _decode(self, payload: bytes, events: list[ReturnPathEvent]) -> None:
+        at = self._record_offset
+        kind = MigRpMessageType(self._msg_type)
+        match kind:
+            case MigRpMessageType.MIG_RP_MSG_SHUT:
+                events.append(RpShut(at, be32(payload)))
+            case MigRpMessageType.MIG_RP_MSG_PONG:
+                events.append(RpPong(at, be32(payload)))
+            case MigRpMessageType.MIG_RP_MSG_REQ_PAGES:
+                events.append(RpReqPages(at, be64(payload), be32(payload, 8), self._last_block))
+            case MigRpMessageType.MIG_RP_MSG_REQ_PAGES_ID:
+                events.append(self._req_pages_id(payload))
+            case MigRpMessageType.MIG_RP_MSG_RECV_BITMAP:
+                self._start_bitmap(payload)
+                return
+            case MigRpMessageType.MIG_RP_MSG_RESUME_ACK:
+                value = be32(payload)
+                if value != MIGRATION_RESUME_ACK_VALUE:
+                    raise self._error_at(
+                        f"return-path RESUME_ACK carries {value}, "
+                        f"expected {MIGRATION_RESUME_ACK_VALUE}"
+                    )
+                events.append(RpResumeAck(at, value))
+            case MigRpMessageType.MIG_RP_MSG_SWITCHOVER_ACK:
+                events.append(RpSwitchoverAck(at))
+            case MigRpMessageType.MIG_RP_MSG_INVALID:  # pragma: no cover - header rejects it
+                raise self._error_at("return-path message of type 0 (INVALID)")
+            case _:  # pragma: no cover
+                assert_never(kind)
+        self._done()
+
+    def _req_pages_id(self, payload: bytes) -> RpReqPagesId:
+        name = _cstr(payload, _REQ_SIZE)
+        if name is None or name[1] != len(payload):
+            raise self._error_at(
+                f"return-path REQ_PAGES_ID has length {len(payload)}, expected 12 bytes "
+                "then a counted block name filling the rest"
+            )
+        self._last_block = name[0]
+        return RpReqPagesId(self._record_offset, be64(payload), be32(payload, 8), name[0])
+
+    def _start_bitmap(self, payload: bytes) -> None:
+        name = _cstr(payload, 0)
+        if name is None or name[1] != len(payload):
+            raise self._error_at(
+                f"return-path RECV_BITMAP has length {len(payload)}, expected "
+                "a counted block name filling it"
+            )
+        self._bitmap_block = name[0]
+        del self._buf[:]
+        self._state = _State.BITMAP_SIZE
+
+    def _read_bitmap_size(self, view: memoryview, pos: int, events: list[ReturnPathEvent]) -> int:
+        pos = self._fill(view, pos, RECV_BITMAP_SIZE_FIELD)
+        if len(self._buf) < RECV_BITMAP_SIZE_FIELD:
+            return pos
+        size = be64(self._buf)
+        if size % 8:
+            raise self._error_at(
+                f"RECV_BITMAP for {self._bitmap_block!r} announces {size} bitmap bytes, "
+                "expected a multiple of 8"
+            )
+        events.append(RpRecvBitmap(self._record_offset, self._bitmap_block, size))
+        del self._buf[:]
+        self._remaining = size
+        self._state = _State.BITMAP if size else _State.BITMAP_END
+        return pos
+
+    def _skip_bitmap(self, view: memoryview, pos: int) -> int:
+        take = min(self._remaining, len(view) - pos)
+        self._remaining -= take
+        self._offset += take
+        self.bitmap_bytes += take
+        if not self._remaining:
+            self._state = _State.BITMAP_END
+        return pos + take
+
+    def _read_bitmap_end(self, view: memoryview, pos: int) -> int:
+        pos = self._fill(view, pos, RECV_BITMAP_SIZE_FIELD)
+        if len(self._buf) < RECV_BITMAP_SIZE_FIELD:
+            return pos
+        mark = be64(self._buf)
+        if mark != RAMBLOCK_RECV_BITMAP_ENDING:
+            raise self._error_at(
+                f"RECV_BITMAP for {self._bitmap_block!r} (message at {self._record_offset}) "
+                f"ends with {mark:#018x}, expected end mark {RAMBLOCK_RECV_BITMAP_ENDING:#018x}",
+                at=self._offset - RECV_BITMAP_SIZE_FIELD,
+            )
+        self._done()
+        return pos
