@@ -1,0 +1,168 @@
+"""Command line: ``migtap listen`` (the relay) and ``migtap analyze`` (offline captures)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import asyncio
+import signal
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from migtap import __version__
+from migtap.config import CHOICES, Config, build_config, load_toml
+from migtap.errors import ConfigError, MigtapError
+from migtap.log import configure_logging
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ConfigError instead of exiting, so every usage error looks alike."""
+
+    def error(self, message: str) -> Any:  # noqa: ANN401 - argparse's signature is NoReturn-like
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="migtap",
+        description="A live-migration proxy and tap for QEMU.",
+    )
+    parser.add_argument("--version", action="version", version=f"migtap {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    listen = sub.add_parser(
+        "listen",
+        help="relay migrations from a source QEMU to a destination QEMU",
+        description=(
+            "Accept migration connections on LISTEN and relay each to --forward, both ways. "
+            "Options may also come from a TOML file (--config); the command line wins."
+        ),
+    )
+    listen.add_argument(
+        "listen", nargs="?", help="HOST:PORT, [IPV6]:PORT, or :PORT (all interfaces)"
+    )
+    listen.add_argument("--forward", "-f", help="the destination QEMU's -incoming HOST:PORT")
+    listen.add_argument("--config", "-c", type=Path, help="TOML file with the same option names")
+    listen.add_argument(
+        "--loop", choices=CHOICES["loop"], default=None, help="event loop (default: asyncio)"
+    )
+    listen.add_argument("--log-format", choices=CHOICES["log_format"], default=None)
+    listen.add_argument("--log-level", choices=CHOICES["log_level"], default=None)
+    listen.add_argument(
+        "--grace-period-s", type=float, default=None, help="on SIGINT/SIGTERM (default 30)"
+    )
+    listen.add_argument(
+        "--connect-timeout-s", type=float, default=None, help="upstream connect (default 10)"
+    )
+    listen.add_argument(
+        "--write-buffer-high",
+        type=int,
+        default=None,
+        help="bytes queued per socket before pausing the other side (default 4 MiB)",
+    )
+    listen.add_argument(
+        "--write-buffer-low",
+        type=int,
+        default=None,
+        help="bytes at which reading resumes (default 1 MiB)",
+    )
+    listen.set_defaults(run=_run_listen)
+
+    try:
+        analyze = importlib.import_module("migtap.analyze")
+    except ImportError:
+        pass
+    else:
+        a = sub.add_parser(
+            "analyze",
+            help="parse a captured migration stream",
+            description="Parse a capture (raw main-channel stream) and print what it holds.",
+        )
+        analyze.add_arguments(a)
+        a.set_defaults(run=analyze.run)
+    return parser
+
+
+def listen_config(args: argparse.Namespace) -> Config:
+    values: dict[str, Any] = {}
+    file: str | None = None
+    if args.config is not None:
+        file = str(args.config)
+        values.update(load_toml(args.config))
+    for key in (
+        "listen",
+        "forward",
+        "loop",
+        "log_format",
+        "log_level",
+        "grace_period_s",
+        "connect_timeout_s",
+        "write_buffer_high",
+        "write_buffer_low",
+    ):
+        value = getattr(args, key)
+        if value is not None:
+            values[key] = value
+    return build_config(values, file=file if args.config is not None else None)
+
+
+def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    if name == "uvloop":
+        import uvloop  # noqa: PLC0415 - only when asked for
+
+        return uvloop.new_event_loop
+    return asyncio.new_event_loop
+
+
+def _run_listen(args: argparse.Namespace) -> int:
+    config = listen_config(args)
+    configure_logging(config.log_format, config.log_level)  # type: ignore[arg-type]
+    with asyncio.Runner(loop_factory=_loop_factory(config.loop)) as runner:
+        return runner.run(serve(config))
+
+
+async def serve(config: Config) -> int:
+    from migtap.relay.server import Relay  # noqa: PLC0415 - keep `migtap --help` light
+
+    log = structlog.get_logger("migtap")
+    loop = asyncio.get_running_loop()
+    async with Relay(config) as relay:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, relay.stop)
+        await relay.wait_stopped()
+        log.info(
+            "signal_received",
+            action="stop accepting, drain sessions",
+            grace_period_s=config.grace_period_s,
+        )
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        result: int = args.run(args)
+    except ConfigError as exc:
+        print(f"migtap: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except MigtapError as exc:
+        print(f"migtap: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

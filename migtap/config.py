@@ -1,0 +1,145 @@
+"""Configuration: TOML file (configs/*.toml) and command-line options become one frozen Config."""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+
+from migtap.errors import ConfigError
+from migtap.log import LEVELS
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A host and port as the user typed them; host None means all interfaces."""
+
+    host: str | None
+    port: int
+
+    def __str__(self) -> str:
+        if self.host is None:
+            return f"*:{self.port}"
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+def parse_address(text: str, *, key: str, file: str | None = None) -> Address:
+    """Parse ``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (all interfaces)."""
+    text = text.strip()
+    host: str | None
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or text[end + 1 : end + 2] != ":":
+            raise ConfigError(f"{text!r} is not [IPV6]:PORT", key=key, file=file)
+        host, port_text = text[1:end], text[end + 2 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError as exc:
+            raise ConfigError(f"{host!r} is not an IPv6 address", key=key, file=file) from exc
+    else:
+        host_text, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ConfigError(f"{text!r} has no port: use HOST:PORT or :PORT", key=key, file=file)
+        if ":" in host_text:
+            raise ConfigError(
+                f"IPv6 addresses need brackets: [{host_text}]:PORT", key=key, file=file
+            )
+        host = host_text or None
+    try:
+        port = int(port_text)
+    except ValueError as exc:
+        raise ConfigError(f"port {port_text!r} is not a number", key=key, file=file) from exc
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"port {port} is out of range 0-65535", key=key, file=file)
+    return Address(host, port)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Every option of ``migtap listen``; TOML keys have the same names."""
+
+    listen: Address
+    forward: Address
+    loop: str = "asyncio"
+    log_format: str = "auto"
+    log_level: str = "info"
+    grace_period_s: float = 30.0
+    connect_timeout_s: float = 10.0
+    write_buffer_high: int = 4 * 1024 * 1024
+    write_buffer_low: int = 1024 * 1024
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "loop": ("asyncio", "uvloop"),
+    "log_format": ("auto", "console", "json"),
+    "log_level": LEVELS,
+}
+NUMBERS: dict[str, type] = {
+    "grace_period_s": float,
+    "connect_timeout_s": float,
+    "write_buffer_high": int,
+    "write_buffer_low": int,
+}
+KNOWN = {f.name for f in fields(Config)} - {"extra"}
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """Read a config file; errors name the file."""
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config: {exc.strerror}", file=str(path)) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}", file=str(path)) from exc
+    unknown = sorted(set(data) - KNOWN)
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s): {', '.join(unknown)}; known: {', '.join(sorted(KNOWN))}",
+            file=str(path),
+        )
+    return data
+
+
+def build_config(values: dict[str, Any], *, file: str | None = None) -> Config:
+    """Validate merged values (file first, then command line) into a Config."""
+    for key in ("listen", "forward"):
+        if values.get(key) is None:
+            raise ConfigError("is required", key=key, file=file)
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if value is not None:
+            kwargs[key] = _check(key, value, file)
+    extra = {k: v for k, v in kwargs.items() if k not in KNOWN}
+    kwargs = {k: v for k, v in kwargs.items() if k in KNOWN}
+    config = Config(**kwargs, extra=extra)
+    if config.write_buffer_low > config.write_buffer_high:
+        raise ConfigError("must not exceed write_buffer_high", key="write_buffer_low", file=file)
+    return config
+
+
+def _check(key: str, value: object, file: str | None) -> object:
+    if key in ("listen", "forward"):
+        if not isinstance(value, str):
+            raise ConfigError("must be a string HOST:PORT", key=key, file=file)
+        return parse_address(value, key=key, file=file)
+    if key in CHOICES:
+        if value not in CHOICES[key]:
+            raise ConfigError(
+                f"{value!r} is not one of {', '.join(CHOICES[key])}", key=key, file=file
+            )
+        return value
+    if key in NUMBERS:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"must be a number, not {value!r}", key=key, file=file)
+        if value <= 0:
+            raise ConfigError(f"must be positive, not {value!r}", key=key, file=file)
+        return NUMBERS[key](value)
+    return value

@@ -1,0 +1,239 @@
+"""A pipe: the two sockets of one relayed connection, with flow control and half-close.
+
+Each socket gets an ``asyncio.Protocol`` (``Side``). ``data_received`` hands us an immutable
+``bytes`` that the loop allocated for this read; we pass that same object to the peer's
+``transport.write()`` and to the observer, so user space makes no copy of its own (see
+docs/performance.md for why this beat a BufferedProtocol with a reused buffer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from enum import StrEnum
+from typing import TYPE_CHECKING, Protocol, cast
+
+import structlog
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+log = structlog.get_logger("migtap.relay")
+
+
+class Direction(StrEnum):
+    SRC_TO_DST = "src-to-dst"
+    DST_TO_SRC = "dst-to-src"
+
+
+class PipeObserver(Protocol):
+    """Watches the bytes of a pipe. Called on the loop: must be cheap and must not raise."""
+
+    def on_chunk(self, pipe: Pipe, direction: Direction, offset: int, chunk: bytes) -> None: ...
+
+    def on_pipe_closed(self, pipe: Pipe) -> None: ...
+
+
+class Side(asyncio.Protocol):
+    """One socket of a pipe: the source-facing (downstream) or destination-facing (upstream) one."""
+
+    def __init__(self, pipe: Pipe, *, upstream: bool) -> None:
+        self.pipe = pipe
+        self.upstream = upstream
+        self.transport: asyncio.Transport | None = None
+        self.peer: Side  # set by Pipe
+        self.pause_reasons: set[str] = set()
+        self.eof = False  # this socket has sent us EOF
+        self.lost = False
+        self.direction = Direction.DST_TO_SRC if upstream else Direction.SRC_TO_DST
+        self.bytes = 0  # bytes read from this socket
+        self.peer_name: tuple[object, ...] | None = None
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's TCPTransport does not subclass asyncio.Transport but has the same API.
+        self.transport = cast("asyncio.Transport", transport)
+        self.peer_name = transport.get_extra_info("peername")
+        high, low = self.pipe.write_limits
+        self.transport.set_write_buffer_limits(high=high, low=low)
+        self.pipe.side_connected(self)
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer.transport
+        offset = self.bytes
+        self.bytes = offset + len(data)
+        if peer is not None:
+            if not self.peer.lost:
+                peer.write(data)
+        else:
+            # Not connected upstream yet (uvloop may deliver a read before our pause takes
+            # effect): hold the chunk until the destination is connected; reading stays paused.
+            self.pipe.pending.append(data)
+            self.pause("connecting")
+        observer = self.pipe.observer
+        if observer is not None:
+            observer.on_chunk(self.pipe, self.direction, offset, data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self.pipe.side_eof(self)
+        return True  # keep our write side open: the other direction may still flow
+
+    def pause_writing(self) -> None:
+        # Our outgoing buffer is full: stop reading from the socket that feeds it.
+        self.peer.pause("peer")
+
+    def resume_writing(self) -> None:
+        self.peer.resume("peer")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.pipe.side_lost(self, exc)
+
+    # -- flow control ---------------------------------------------------------------------
+    def pause(self, reason: str) -> None:
+        was_reading = not self.pause_reasons
+        self.pause_reasons.add(reason)
+        t = self.transport
+        if was_reading and t is not None and not t.is_closing():
+            t.pause_reading()
+
+    def resume(self, reason: str) -> None:
+        if reason not in self.pause_reasons:
+            return
+        self.pause_reasons.discard(reason)
+        t = self.transport
+        if not self.pause_reasons and t is not None and not t.is_closing():
+            t.resume_reading()
+
+
+class Pipe:
+    """The source connection and its upstream connection to the destination."""
+
+    def __init__(
+        self,
+        pipe_id: int,
+        *,
+        write_limits: tuple[int, int],
+        observer: PipeObserver | None = None,
+        on_closed: Callable[[Pipe], None] | None = None,
+    ) -> None:
+        self.pipe_id = pipe_id
+        self.write_limits = write_limits
+        self.observer = observer
+        self._on_closed = on_closed
+        self.pending: list[bytes] = []  # source bytes read before the destination connected
+        self.downstream = Side(self, upstream=False)
+        self.upstream = Side(self, upstream=True)
+        self.downstream.peer = self.upstream
+        self.upstream.peer = self.downstream
+        self.started = time.monotonic()
+        self.started_wall = time.time()
+        self.ended: float | None = None
+        self.close_reason: str | None = None
+        self.error: str | None = None
+        self.log = log.bind(pipe=pipe_id)
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    @property
+    def bytes_src_to_dst(self) -> int:
+        return self.downstream.bytes
+
+    @property
+    def bytes_dst_to_src(self) -> int:
+        return self.upstream.bytes
+
+    @property
+    def source(self) -> tuple[object, ...] | None:
+        return self.downstream.peer_name
+
+    @property
+    def destination(self) -> tuple[object, ...] | None:
+        return self.upstream.peer_name
+
+    def side_connected(self, side: Side) -> None:
+        if side is self.downstream:
+            # Hold the source until the destination is connected; the kernel buffers meanwhile.
+            side.pause("connecting")
+        elif self.downstream.lost:
+            # The source left while we were connecting: nothing to relay.
+            self.upstream.lost = True
+            if side.transport is not None:
+                side.transport.close()
+        else:
+            assert side.transport is not None
+            for chunk in self.pending:
+                side.transport.write(chunk)
+            self.pending.clear()
+            if self.downstream.eof:
+                self.side_eof(self.downstream)
+            self.downstream.resume("connecting")
+
+    def upstream_failed(self, reason: str) -> None:
+        """The destination could not be reached: the source must see the failure at once."""
+        self.error = reason
+        self.close_reason = "upstream_failed"
+        self.upstream.lost = True
+        t = self.downstream.transport
+        if t is not None:
+            t.abort()  # RST: the source's migration fails now instead of waiting
+        self._maybe_finish()
+
+    def side_eof(self, side: Side) -> None:
+        peer = side.peer.transport
+        if peer is not None and not side.peer.lost and peer.can_write_eof():
+            try:
+                peer.write_eof()
+            except OSError as exc:  # the peer socket is already broken
+                side.peer.lost = True
+                self.error = f"write_eof: {exc}"
+        if self.downstream.eof and self.upstream.eof:
+            self.close_reason = self.close_reason or "eof_both"
+            self._close_both(abort=False)
+
+    def side_lost(self, side: Side, exc: Exception | None) -> None:
+        other = side.peer
+        if exc is not None and self.error is None:
+            self.error = f"{'destination' if side.upstream else 'source'}: {exc!r}"
+        if self.close_reason is None:
+            who = "destination" if side.upstream else "source"
+            self.close_reason = f"{who}_reset" if exc is not None else f"{who}_closed"
+        t = other.transport
+        if t is not None and not other.lost and not t.is_closing():
+            if exc is not None:
+                t.abort()  # pass a reset on as a reset
+            else:
+                t.close()  # flush what is queued, then FIN
+        self._maybe_finish()
+
+    def abort(self, reason: str) -> None:
+        """Tear the pipe down now (shutdown after the grace period)."""
+        self.close_reason = self.close_reason or reason
+        self._close_both(abort=True)
+
+    def _close_both(self, *, abort: bool) -> None:
+        for s in (self.downstream, self.upstream):
+            t = s.transport
+            if t is not None and not t.is_closing():
+                if abort:
+                    t.abort()
+                else:
+                    t.close()
+            elif t is None:
+                s.lost = True
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if self.ended is not None:
+            return
+        if not (self.downstream.lost and (self.upstream.lost or self.upstream.transport is None)):
+            return
+        if self.upstream.transport is None:
+            self.upstream.lost = True
+        self.ended = time.monotonic()
+        if not self.closed.done():
+            self.closed.set_result(None)
+        if self.observer is not None:
+            self.observer.on_pipe_closed(self)
+        if self._on_closed is not None:
+            self._on_closed(self)

@@ -1,0 +1,213 @@
+"""The listener: accepts source connections, connects each upstream in accept order, shuts down."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import socket
+import time
+from typing import TYPE_CHECKING, Self
+
+import structlog
+
+from migtap.errors import RelayError
+from migtap.relay.pipe import Direction, Pipe
+from migtap.relay.session import Session, SessionRegistry, host_of
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from migtap.config import Config
+
+log = structlog.get_logger("migtap.relay")
+
+
+class Relay:
+    """``async with Relay(config) as relay:`` listens until the block ends or ``stop()``."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.registry = SessionRegistry(on_session_end=self._session_ended)
+        self.pipes: dict[int, Pipe] = {}
+        self._next_pipe = 1
+        self._server: asyncio.Server | None = None
+        self._tg = asyncio.TaskGroup()
+        self._connect_locks: dict[str, asyncio.Lock] = {}
+        self._stopping = asyncio.Event()
+        self.sessions_ended: collections.deque[Session] = collections.deque(maxlen=256)
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def __aenter__(self) -> Self:
+        await self._tg.__aenter__()
+        try:
+            await self.start()
+        except BaseException:
+            await self._tg.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.shutdown(grace_s=0 if exc is not None else self.config.grace_period_s)
+        await self._tg.__aexit__(exc_type, exc, tb)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        host = self.config.listen.host
+        try:
+            self._server = await loop.create_server(
+                self._accept,
+                host=host,
+                port=self.config.listen.port,
+                reuse_address=True,
+                backlog=128,
+            )
+        except OSError as exc:
+            raise RelayError(f"cannot listen on {self.config.listen}: {exc.strerror}") from exc
+        log.info(
+            "listening",
+            listen=[_fmt(s.getsockname()) for s in self._server.sockets],
+            forward=str(self.config.forward),
+            loop=type(loop).__module__.split(".")[0],
+        )
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        assert self._server is not None
+        return [s.getsockname()[:2] for s in self._server.sockets]
+
+    @property
+    def port(self) -> int:
+        return self.addresses[0][1]
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopping.wait()
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Stop accepting, let sessions finish within ``grace_s``, then abort the rest."""
+        if self._server is not None:
+            self._server.close()
+        pending = [p.closed for p in self.pipes.values() if not p.closed.done()]
+        if pending:
+            log.info("draining", pipes=len(pending), grace_period_s=grace_s)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace_s):
+                    await asyncio.gather(*pending)
+        for pipe in list(self.pipes.values()):
+            pipe.abort("shutdown")
+        if self._server is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    await self._server.wait_closed()
+        log.info("stopped")
+
+    # -- connections ------------------------------------------------------------------------
+    def _accept(self) -> asyncio.Protocol:
+        pipe_id = self._next_pipe
+        self._next_pipe += 1
+        pipe = Pipe(
+            pipe_id,
+            write_limits=(self.config.write_buffer_high, self.config.write_buffer_low),
+            observer=self.registry,
+            on_closed=self._pipe_closed,
+        )
+        self.pipes[pipe_id] = pipe
+        self.registry.add_pipe(pipe)
+        self._tg.create_task(self._connect_upstream(pipe))
+        return pipe.downstream
+
+    async def _connect_upstream(self, pipe: Pipe) -> None:
+        try:
+            await self._connect_upstream_in_order(pipe)
+        except Exception as exc:  # a bug of ours must not take the listener down with it
+            log.exception("upstream_connect_crashed", pipe=pipe.pipe_id)
+            pipe.upstream_failed(f"internal error: {exc!r}")
+
+    async def _connect_upstream_in_order(self, pipe: Pipe) -> None:
+        await asyncio.sleep(0)  # let connection_made run so we know the source's address
+        host = host_of(pipe.source)
+        # Destinations take the first connection as the main channel (QEMU 7.2): connect in
+        # the order the source's connections were accepted.
+        lock = self._connect_locks.setdefault(host, asyncio.Lock())
+        fwd = self.config.forward
+        async with lock:
+            if pipe.downstream.lost:
+                pipe.upstream_failed("source left before the destination was connected")
+                return
+            loop = asyncio.get_running_loop()
+            try:
+                async with asyncio.timeout(self.config.connect_timeout_s):
+                    await loop.create_connection(
+                        lambda: pipe.upstream, host=fwd.host or "localhost", port=fwd.port
+                    )
+            except (OSError, TimeoutError) as exc:
+                reason = "timed out" if isinstance(exc, TimeoutError) else str(exc)
+                log.warning(
+                    "upstream_connect_failed",
+                    pipe=pipe.pipe_id,
+                    source=_fmt(pipe.source),
+                    forward=str(fwd),
+                    error=reason,
+                    action="source connection reset so its migration fails now",
+                )
+                pipe.upstream_failed(reason)
+                return
+        t = pipe.upstream.transport
+        sock = t.get_extra_info("socket") if t is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        log.debug(
+            "pipe_opened",
+            pipe=pipe.pipe_id,
+            source=_fmt(pipe.source),
+            destination=_fmt(pipe.destination),
+        )
+
+    def _pipe_closed(self, pipe: Pipe) -> None:
+        self.pipes.pop(pipe.pipe_id, None)
+        log.debug(
+            "pipe_closed",
+            pipe=pipe.pipe_id,
+            reason=pipe.close_reason,
+            error=pipe.error,
+            bytes_src_to_dst=pipe.bytes_src_to_dst,
+            bytes_dst_to_src=pipe.bytes_dst_to_src,
+        )
+
+    def _session_ended(self, session: Session) -> None:
+        s2d, d2s = session.totals()
+        duration = (session.ended or time.monotonic()) - session.started
+        errors = [c.pipe.error for c in session.channels if c.pipe.error]
+        reasons = sorted({c.pipe.close_reason or "?" for c in session.channels})
+        log.info(
+            "session_ended",
+            session=session.session_id,
+            source=session.source_host,
+            channels=[c.kind.value if c.kind else "unknown" for c in session.channels],
+            bytes_src_to_dst=s2d,
+            bytes_dst_to_src=d2s,
+            duration_s=round(duration, 3),
+            rate_mib_s=round(s2d / duration / 2**20, 1) if duration > 0 else None,
+            close_reasons=reasons,
+            errors=errors or None,
+        )
+        self.sessions_ended.append(session)
+
+
+def _fmt(addr: object) -> str | None:
+    if not isinstance(addr, tuple) or len(addr) < 2:
+        return None
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+__all__ = ["Direction", "Relay"]

@@ -1,0 +1,158 @@
+"""Sessions: the connections of one migration (main channel, multifd channels, preempt channel)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import structlog
+
+from migtap.relay.pipe import Direction, Pipe
+from migtap.wire.channel import ChannelKind, classify
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+log = structlog.get_logger("migtap.relay")
+
+
+@dataclass(slots=True)
+class Channel:
+    """One connection of a session, as the tap sees it."""
+
+    pipe: Pipe
+    kind: ChannelKind | None = None
+    prefix: bytes = b""
+
+
+@dataclass(slots=True)
+class Session:
+    session_id: int
+    source_host: str
+    started: float = field(default_factory=time.monotonic)
+    started_wall: float = field(default_factory=time.time)
+    channels: list[Channel] = field(default_factory=list)
+    ended: float | None = None
+
+    @property
+    def open(self) -> bool:
+        return self.ended is None
+
+    def totals(self) -> tuple[int, int]:
+        s2d = sum(c.pipe.bytes_src_to_dst for c in self.channels)
+        d2s = sum(c.pipe.bytes_dst_to_src for c in self.channels)
+        return s2d, d2s
+
+
+def host_of(peer: tuple[object, ...] | None) -> str:
+    return str(peer[0]) if peer else "?"
+
+
+class SessionRegistry:
+    """Groups pipes into sessions as their first bytes arrive.
+
+    A main channel (``QEVM``) opens a new session. A multifd or unrecognised channel joins the
+    newest open session from the same source host that has a main channel, or else opens its own.
+    With several concurrent migrations from one host that carry no distinguishing UUID, the
+    grouping of their multifd channels is a best guess; every byte is still relayed exactly.
+    """
+
+    def __init__(self, on_session_end: Callable[[Session], None] | None = None) -> None:
+        self._next_id = 1
+        self.sessions: dict[int, Session] = {}
+        self._by_pipe: dict[int, Channel] = {}
+        self._session_of: dict[int, Session] = {}
+        self._on_session_end = on_session_end
+
+    def _new_session(self, host: str, first: Channel) -> Session:
+        session = Session(self._next_id, host)
+        self._next_id += 1
+        self.sessions[session.session_id] = session
+        log.info(
+            "session_started",
+            session=session.session_id,
+            source=host,
+            first_channel=first.kind.value if first.kind else "pending",
+        )
+        return session
+
+    def add_pipe(self, pipe: Pipe) -> None:
+        self._by_pipe[pipe.pipe_id] = Channel(pipe)
+
+    def on_chunk(self, pipe: Pipe, direction: Direction, offset: int, chunk: bytes) -> None:
+        if direction is not Direction.SRC_TO_DST or offset >= 4:
+            return
+        channel = self._by_pipe.get(pipe.pipe_id)
+        if channel is None or channel.kind is not None:
+            return
+        channel.prefix += chunk[: 4 - len(channel.prefix)]
+        kind = classify(channel.prefix)
+        if kind is not None:
+            self._assign(channel, kind)
+
+    def on_pipe_closed(self, pipe: Pipe) -> None:
+        channel = self._by_pipe.pop(pipe.pipe_id, None)
+        if channel is None:
+            return
+        if pipe.pipe_id not in self._session_of:
+            # Closed before we could tell what it was (refused upstream, no bytes, short prefix).
+            self._assign(channel, classify(channel.prefix) or ChannelKind.UNKNOWN)
+        session = self._session_of.pop(pipe.pipe_id)
+        if all(c.pipe.ended is not None for c in session.channels) and session.ended is None:
+            session.ended = time.monotonic()
+            del self.sessions[session.session_id]
+            if self._on_session_end is not None:
+                self._on_session_end(session)
+
+    def _assign(self, channel: Channel, kind: ChannelKind) -> None:
+        channel.kind = kind
+        pipe_id = channel.pipe.pipe_id
+        session = self._session_of.get(pipe_id)
+        if session is None:
+            session = self._find_session(channel, kind)
+            if session is None:
+                session = self._new_session(host_of(channel.pipe.source), channel)
+            session.channels.append(channel)
+            self._session_of[pipe_id] = session
+        log.info(
+            "channel_joined",
+            session=session.session_id,
+            pipe=pipe_id,
+            kind=kind.value,
+            index=session.channels.index(channel),
+        )
+
+    def _find_session(self, channel: Channel, kind: ChannelKind) -> Session | None:
+        if kind is ChannelKind.MAIN:
+            return None
+        host = host_of(channel.pipe.source)
+
+        def live_main(s: Session) -> bool:
+            return any(
+                c.kind in (ChannelKind.MAIN, None) and c.pipe.ended is None for c in s.channels
+            )
+
+        candidates = [
+            s for s in self.sessions.values() if s.open and s.source_host == host and live_main(s)
+        ]
+        if candidates:
+            return max(candidates, key=lambda s: s.started)
+        # QEMU connects the main channel first, but its first bytes may arrive after a multifd
+        # channel's: anchor a session on the newest earlier connection not yet classified.
+        earlier = [
+            c
+            for c in self._by_pipe.values()
+            if c.kind is None
+            and c.pipe.pipe_id < channel.pipe.pipe_id
+            and c.pipe.ended is None
+            and host_of(c.pipe.source) == host
+            and c.pipe.pipe_id not in self._session_of
+        ]
+        if not earlier:
+            return None
+        anchor = max(earlier, key=lambda c: c.pipe.pipe_id)
+        session = self._new_session(host, anchor)
+        session.channels.append(anchor)
+        self._session_of[anchor.pipe.pipe_id] = session
+        return session

@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+
+from migtap.config import Address, Config
+from migtap.relay.server import Relay
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from contextlib import AbstractAsyncContextManager
+
+collect_ignore: list[str] = []
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/qemu/" in str(item.path).replace("\\", "/"):
+            item.add_marker(pytest.mark.qemu)
+
+
+def relay_config(forward_port: int, **kw: object) -> Config:
+    return Config(
+        listen=Address("127.0.0.1", 0),
+        forward=Address("127.0.0.1", forward_port),
+        grace_period_s=2.0,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def make_relay() -> Callable[..., AbstractAsyncContextManager[Relay]]:
+    def make(forward_port: int, **kw: object) -> AbstractAsyncContextManager[Relay]:
+        return Relay(relay_config(forward_port, **kw))
+
+    return make
