@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+# The read-only reference material lives beside the checkout (../shared); MIGTAP_SHARED overrides.
+SHARED = Path(
+    os.environ.get("MIGTAP_SHARED") or Path(__file__).resolve().parents[1].parent / "shared"
+)
 _ROOTS = (SHARED, SHARED / "reference", SHARED / "reference" / "fixtures-qemu-7.2")
 
 
