@@ -125,7 +125,7 @@ class DecodeError(StreamError):
         self.field_path = field_path
 
 
-class TruncatedPayload(DecodeError, TruncatedStream):  # noqa: N818 (like TruncatedStream)
+class TruncatedPayload(DecodeError, TruncatedStream):
     """The payload ended inside a described field."""
 
 

@@ -6,7 +6,7 @@ import json
 import struct
 
 from migtap.annotate.vmsd import VmDescription
-from migtap.annotate.walk import Leaf, Struct
+from migtap.annotate.walk import Leaf, Struct, Value
 from tests.annotate.tail import (
     QEMU_VM_VMDESCRIPTION,
     TAIL_BASE,
@@ -56,7 +56,7 @@ def test_every_section_ends_at_its_footer_and_every_device_is_decoded() -> None:
     assert ids["0000:00:01.3/piix4_pm"] == 30
 
 
-def by_name() -> dict[tuple[str, int], dict[str, object]]:
+def by_name() -> dict[tuple[str, int], dict[str, Value]]:
     sections, _ = walk_tail(tail_vmdesc())
     return {(s.idstr, s.instance_id): s.decoded.fields for s in sections}
 

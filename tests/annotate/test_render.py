@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -12,7 +13,7 @@ from migtap.annotate.walk import DecodeError, decode_section
 from tests.annotate.tail import tail_vmdesc, walk_tail
 
 
-def dump_of_tail() -> dict[str, object]:
+def dump_of_tail() -> dict[str, Any]:
     sections, _ = walk_tail(tail_vmdesc())
     ram = RamState(2, {"pc.ram": 0x2000000, "/rom@etc/acpi/rsdp": 0x1000})
     return state_dump([ram, *(DeviceState(s.section_id, s.decoded) for s in sections)])

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from migtap.annotate.vmsd import VmDescription, VmDescriptionError
+from migtap.annotate.vmsd import FieldDesc, VmDescription, VmDescriptionError
 from migtap.errors import StreamError
 from tests.fixtures import fixture
 
@@ -38,9 +38,9 @@ def test_real_vmdesc_from_bytes_str_and_dict() -> None:
 
 def test_tmp_field_nested_inline() -> None:
     vd = VmDescription.from_json(real())
-    found = []
+    found: list[FieldDesc] = []
 
-    def walk(fields):  # type: ignore[no-untyped-def]
+    def walk(fields: tuple[FieldDesc, ...]) -> None:
         for f in fields:
             if f.type == "tmp":
                 found.append(f)
@@ -50,7 +50,9 @@ def test_tmp_field_nested_inline() -> None:
     for dev in vd.devices:
         walk(dev.fields)
     assert len(found) == 1
-    assert found[0].nested.vmsd_name == "fpreg_tmp"
+    nested = found[0].nested
+    assert nested is not None
+    assert nested.vmsd_name == "fpreg_tmp"
     assert found[0].size == 10
 
 

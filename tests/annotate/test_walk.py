@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from migtap.annotate.vmsd import VmDescription
+from migtap.annotate.vmsd import DeviceDesc, VmDescription
 from migtap.annotate.walk import (
     DecodeError,
     Leaf,
@@ -21,7 +21,7 @@ from migtap.errors import StreamError, TruncatedStream
 
 def device(
     fields: list[dict[str, Any]], subsections: list[dict[str, Any]] | None = None, **kw: Any
-):
+) -> DeviceDesc:
     dev: dict[str, Any] = {"name": "dev", "instance_id": 0, "vmsd_name": "dev", "version": 1}
     dev["fields"] = fields
     if subsections is not None:
