@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import pytest
 from qemu.qmp import QMPClient
 
 if TYPE_CHECKING:
@@ -28,14 +27,17 @@ QEMU_BIN = os.environ.get("MIGTAP_QEMU", "qemu-system-x86_64")
 MiB = 1024 * 1024
 
 
+class HarnessError(RuntimeError):
+    """A VM could not be started or driven. Tests fail on it; they never skip."""
+
+
 def qemu_binary() -> str:
     """The QEMU binary; a missing one FAILS the test (never skips): CI must install it."""
     path = shutil.which(QEMU_BIN)
     if path is None:
-        pytest.fail(
-            f"{QEMU_BIN} not found: install it (apt-get install -y qemu-system-x86 qemu-utils); "
-            "the real-migration tests need it",
-            pytrace=False,
+        raise HarnessError(
+            f"{QEMU_BIN} not found: run scripts/setup.sh (apt-get install -y qemu-system-x86 "
+            "qemu-utils); the real-migration tests need it"
         )
     return path
 
@@ -85,10 +87,10 @@ class Vm:
         deadline = time.monotonic() + 20
         while True:
             if self.proc.poll() is not None:
-                pytest.fail(f"{self.name} QEMU exited at start: {self.log_path.read_text()}")
+                raise HarnessError(f"{self.name} QEMU exited at start: {self.log_path.read_text()}")
             if not self.qmp_path.exists():
                 if time.monotonic() > deadline:
-                    pytest.fail(f"{self.name} QEMU made no QMP socket in 20 s")
+                    raise HarnessError(f"{self.name} QEMU made no QMP socket in 20 s")
                 await asyncio.sleep(0.02)
                 continue
             try:
@@ -180,7 +182,7 @@ async def wait_migration(
         if status in statuses and filled:
             return info
         if time.monotonic() > deadline:
-            pytest.fail(f"{vm.name}: migration still {status!r} after {timeout_s}s: {info}")
+            raise HarnessError(f"{vm.name}: migration still {status!r} after {timeout_s}s: {info}")
         await asyncio.sleep(0.05)
 
 
