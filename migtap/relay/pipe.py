@@ -9,6 +9,9 @@ docs/performance.md for why this beat a BufferedProtocol with a reused buffer).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
 import time
 from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol, cast
@@ -19,6 +22,18 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 log = structlog.get_logger("migtap.relay")
+
+
+def reset(transport: asyncio.Transport) -> None:
+    """Close with a TCP RST (SO_LINGER 0), so the peer sees a reset and not a clean EOF.
+
+    ``abort()`` alone drops our buffers but still ends the connection with a FIN.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 class Direction(StrEnum):
@@ -176,7 +191,7 @@ class Pipe:
         self.upstream.lost = True
         t = self.downstream.transport
         if t is not None:
-            t.abort()  # RST: the source's migration fails now instead of waiting
+            reset(t)  # RST: the source's migration fails now instead of waiting
         self._maybe_finish()
 
     def side_eof(self, side: Side) -> None:
@@ -201,7 +216,7 @@ class Pipe:
         t = other.transport
         if t is not None and not other.lost and not t.is_closing():
             if exc is not None:
-                t.abort()  # pass a reset on as a reset
+                reset(t)  # pass a reset on as a reset
             else:
                 t.close()  # flush what is queued, then FIN
         self._maybe_finish()
@@ -216,7 +231,7 @@ class Pipe:
             t = s.transport
             if t is not None and not t.is_closing():
                 if abort:
-                    t.abort()
+                    reset(t)
                 else:
                     t.close()
             elif t is None:

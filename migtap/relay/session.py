@@ -139,7 +139,7 @@ class SessionRegistry:
         if candidates:
             return max(candidates, key=lambda s: s.started)
         # QEMU connects the main channel first, but its first bytes may arrive after a multifd
-        # channel's: anchor a session on the newest earlier connection not yet classified.
+        # channel's: anchor a session on the oldest earlier connection not yet classified.
         earlier = [
             c
             for c in self._by_pipe.values()
@@ -151,7 +151,7 @@ class SessionRegistry:
         ]
         if not earlier:
             return None
-        anchor = max(earlier, key=lambda c: c.pipe.pipe_id)
+        anchor = min(earlier, key=lambda c: c.pipe.pipe_id)
         session = self._new_session(host, anchor)
         session.channels.append(anchor)
         self._session_of[anchor.pipe.pipe_id] = session

@@ -21,6 +21,9 @@ from typing import TYPE_CHECKING, Any
 from qemu.qmp import QMPClient
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+if TYPE_CHECKING:
     from pathlib import Path
 
 QEMU_BIN = os.environ.get("MIGTAP_QEMU", "qemu-system-x86_64")
@@ -244,7 +247,7 @@ async def vm_pair(
     random_mib: int = 0,
     src_extra: list[str] | None = None,
     dst_extra: list[str] | None = None,
-):  # type: ignore[no-untyped-def]
+) -> AsyncIterator[Pair]:
     extra = list(src_extra or [])
     if random_mib:
         blob = random_ram_file(workdir, random_mib * MiB)

@@ -1,0 +1,92 @@
+"""The command line, as a user runs it: exit codes, messages, signals."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import TYPE_CHECKING
+
+import pytest
+
+from migtap.cli import main
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    assert "listen" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["listen", "127.0.0.1:0"], "forward: is required"),
+        (["listen", "127.0.0.1", "--forward", "h:1"], "listen: '127.0.0.1' has no port"),
+        (["listen", ":1", "--forward", "h:1", "--loop", "trio"], "--loop"),
+        (
+            ["listen", ":1", "--forward", "h:1", "--config", "/nonexistent.toml"],
+            "/nonexistent.toml",
+        ),
+        (["nosuch"], "invalid choice"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_clear_line(
+    argv: list[str], fragment: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("migtap: error: ")
+    assert fragment in err
+    assert err.count("\n") == 1
+
+
+def test_listen_on_busy_port_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(
+            ["listen", f"127.0.0.1:{port}", "--forward", "127.0.0.1:1", "--log-format", "json"]
+        )
+    assert code == 1
+    assert "cannot listen" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_sigterm_stops_cleanly_and_logs_json(tmp_path: Path, loop: str) -> None:
+    config = tmp_path / "migtap.toml"
+    config.write_text(f'listen = "127.0.0.1:0"\nforward = "127.0.0.1:9"\nloop = "{loop}"\n')
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "migtap", "listen", "--config", str(config), "--log-format", "json"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stderr is not None
+        first = json.loads(proc.stderr.readline())
+        assert first["event"] == "listening"
+        assert first["loop"] == loop
+        host, port = first["listen"][0].rsplit(":", 1)
+        with contextlib.suppress(ConnectionError):  # migtap resets it: nothing at port 9
+            socket.create_connection((host, int(port)), timeout=5).close()
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, rest = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0
+    events = [json.loads(line)["event"] for line in rest.splitlines()]
+    assert "upstream_connect_failed" in events  # port 9 (discard) is closed here
+    assert events[-1] == "stopped"

@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from migtap.config import Address, build_config, load_toml, parse_address
+from migtap.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("0.0.0.0:4444", Address("0.0.0.0", 4444)),
+        ("127.0.0.1:0", Address("127.0.0.1", 0)),
+        ("[::1]:4444", Address("::1", 4444)),
+        (":4444", Address(None, 4444)),
+        ("dest-host:4444", Address("dest-host", 4444)),
+    ],
+)
+def test_parse_address(text: str, want: Address) -> None:
+    assert parse_address(text, key="listen") == want
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("4444", "no port"),
+        ("host:http", "not a number"),
+        ("host:70000", "out of range"),
+        ("::1:4444", "need brackets"),
+        ("[::1]4444", "[IPV6]:PORT"),
+        ("[nothost]:1", "not an IPv6"),
+    ],
+)
+def test_bad_address_names_the_option(text: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_address(text, key="forward")
+    assert fragment in str(info.value)
+    assert str(info.value).startswith("forward: ")
+
+
+def test_example_config_has_every_option_and_loads() -> None:
+    path = ROOT / "configs" / "migtap.example.toml"
+    values = load_toml(path)
+    config = build_config(values, file=str(path))
+    assert config.forward == Address("127.0.0.1", 4445)
+    from migtap.config import KNOWN
+
+    assert set(values) == KNOWN  # every option is shown in the example
+
+
+def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('listen = ":1"\nforward = "h:2"\nforwrd = "x"\n')
+    with pytest.raises(ConfigError) as info:
+        load_toml(path)
+    assert str(path) in str(info.value)
+    assert "forwrd" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fragment"),
+    [
+        ("loop", "trio", "not one of asyncio, uvloop"),
+        ("grace_period_s", "soon", "must be a number"),
+        ("write_buffer_high", -1, "must be positive"),
+        ("log_level", "loud", "not one of"),
+    ],
+)
+def test_bad_values(key: str, value: object, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config({"listen": ":1", "forward": "h:2", key: value}, file="x.toml")
+    assert f"x.toml: {key}: " in str(info.value)
+    assert fragment in str(info.value)
+
+
+def test_low_mark_above_high_mark() -> None:
+    with pytest.raises(ConfigError, match="write_buffer_low"):
+        build_config(
+            {"listen": ":1", "forward": "h:2", "write_buffer_high": 10, "write_buffer_low": 20}
+        )
