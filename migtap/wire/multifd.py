@@ -61,6 +61,7 @@ MULTIFD_HDR_SIZE: Final = 12  # MultiFDPacketHdr_t: magic, version, flags
 MULTIFD_RAM_HDR_FIXED: Final = 320  # MultiFDPacket_t up to offset[]
 MULTIFD_DEVICE_STATE_HDR_SIZE: Final = 276  # MultiFDPacketDeviceState_t
 MULTIFD_IDSTR_SIZE: Final = 256  # ramblock / idstr fields, NUL-padded
+MIN_PAGE_SIZE: Final = 512  # keeps the header buffer (320 + 8 * page_count) under 8.5 KiB
 
 _INIT = struct.Struct(">II16sB")
 _RAM = struct.Struct(">IIIIIIQI")  # magic version flags alloc normal next packet_num zero
@@ -86,10 +87,7 @@ class MultifdPacket:
     next_packet_size: int  # as sent; stale in 7.2-8.1 empty packets
     ramblock: str  # may be stale (previous block) before 9.2
     payload_bytes: int  # bytes that follow the header (skipped)
-
-    @property
-    def sync(self) -> bool:
-        return bool(self.flags & MULTIFD_FLAG_SYNC)
+    sync: bool  # MULTIFD_FLAG_SYNC: the sender's sync point (paired with EOS or MULTIFD_FLUSH)
 
     @property
     def compression(self) -> int:
@@ -144,8 +142,14 @@ class MultifdParser:
     """Parse one multifd channel: ``feed(data) -> events``, ``feed_eof() -> events``."""
 
     def __init__(self, page_size: int = 4096) -> None:
-        if page_size <= 0 or page_size & (page_size - 1) or page_size > MULTIFD_PACKET_SIZE:
-            raise ValueError(f"page_size must be a power of two <= 512 KiB, got {page_size}")
+        if (
+            page_size < MIN_PAGE_SIZE
+            or page_size & (page_size - 1)
+            or page_size > MULTIFD_PACKET_SIZE
+        ):
+            raise ValueError(
+                f"page_size must be a power of two from 512 bytes to 512 KiB, got {page_size}"
+            )
         self.page_size = page_size
         self.page_count = MULTIFD_PACKET_SIZE // page_size
         self.ram_header_size = MULTIFD_RAM_HDR_FIXED + 8 * self.page_count
@@ -334,11 +338,14 @@ class MultifdParser:
             payload = next_size
         stats = self.stats
         stats.packets += 1
-        stats.sync_packets += flags & MULTIFD_FLAG_SYNC
+        sync = bool(flags & MULTIFD_FLAG_SYNC)
+        stats.sync_packets += sync
         stats.normal_pages += normal
         stats.zero_pages += zero
         events.append(
-            MultifdPacket(at, flags, packet_num, alloc, normal, zero, next_size, ramblock, payload)
+            MultifdPacket(
+                at, flags, packet_num, alloc, normal, zero, next_size, ramblock, payload, sync
+            )
         )
         self._start_payload(payload)
         return pos

@@ -84,8 +84,8 @@ def test_fixture_72_first_packets() -> None:
         next_packet_size=0,
         ramblock="",
         payload_bytes=0,
+        sync=True,
     )
-    assert sync.sync
     assert loaded.offset == 64 + 1344
     assert isinstance(loaded, MultifdPacket)
     assert (loaded.flags, loaded.pages_alloc, loaded.normal_pages) == (MULTIFD_FLAG_SYNC, 128, 128)
@@ -331,7 +331,7 @@ def test_feed_after_eof() -> None:
 
 
 def test_bad_page_size() -> None:
-    for size in (0, 3000, 1 << 20):
+    for size in (0, 256, 3000, 1 << 20):
         with pytest.raises(ValueError, match="page_size"):
             MultifdParser(page_size=size)
 
