@@ -353,3 +353,19 @@ def test_fast_and_bounded() -> None:
     assert parser.stats.payload_bytes == 2**30
     assert parser.feed_eof() == []
     assert elapsed < 5, f"1 GiB took {elapsed:.2f} s"
+
+
+def test_stats_are_live_mid_payload() -> None:
+    parser = MultifdParser(page_size=SMALL)
+    data = mfd_init() + mfd_packet(normal=2, page_size=SMALL)
+    parser.feed(data[: 64 + 384 + 1000])
+    assert (parser.stats.packets, parser.stats.normal_pages) == (1, 2)
+    assert parser.stats.payload_bytes == 1000
+    assert parser.stats.bytes == 64 + 384 + 1000
+
+
+def test_events_are_frozen_and_slotted() -> None:
+    event = MultifdInit(0, 1, uuid.UUID(int=0), 0)
+    with pytest.raises(AttributeError):
+        event.offset = 1  # type: ignore[misc]
+    assert not hasattr(event, "__dict__")
