@@ -1,0 +1,328 @@
+"""The RAM section ("ram", version 4) of the main channel: block list, page records, rounds.
+
+Page payloads are counted and skipped, never buffered. Page records are reported as runs
+(``RamPages``), not one object per page, and summed into ``RamStats``.
+
+Rounds (passes over RAM, §3.4 of the reference) are inferred: a page record starts a new round
+when its position (block index in MEM_SIZE order, then offset in the block) is not after the
+previous page record's position, or when it is the first page after a ``MULTIFD_FLUSH``
+(8.1+ writes one at every scan wrap). Postcopy page requests also move the position back, so
+rounds in the postcopy phase are approximate; dirty-bitmap syncs are not on the wire at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
+
+from migtap.wire.buffer import LimitCrossed, NeedData, be16_from, be32_from, be64_from
+from migtap.wire.constants import (
+    ENCODING_FLAG_XBZRLE,
+    RAM_SAVE_FLAG_COMPRESS_PAGE,
+    RAM_SAVE_FLAG_CONTINUE,
+    RAM_SAVE_FLAG_EOS,
+    RAM_SAVE_FLAG_HOOK,
+    RAM_SAVE_FLAG_MASK,
+    RAM_SAVE_FLAG_MEM_SIZE,
+    RAM_SAVE_FLAG_MULTIFD_FLUSH,
+    RAM_SAVE_FLAG_PAGE,
+    RAM_SAVE_FLAG_XBZRLE,
+    RAM_SAVE_FLAG_ZERO,
+)
+from migtap.wire.events import Event, RamMultifdFlush, RamPages
+
+if TYPE_CHECKING:
+    from migtap.wire.buffer import Buffer
+
+_KIND_MASK: Final = RAM_SAVE_FLAG_MASK & ~RAM_SAVE_FLAG_CONTINUE
+_PAGE_KINDS: Final = frozenset(
+    (RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_ZERO, RAM_SAVE_FLAG_XBZRLE, RAM_SAVE_FLAG_COMPRESS_PAGE)
+)
+
+
+class RamFormatError(Exception):
+    """Raised by the RAM reader; the parser turns it into a StreamError with its context."""
+
+    def __init__(self, message: str, offset: int, *, unsupported: bool = False) -> None:
+        super().__init__(message)
+        self.offset = offset
+        self.unsupported = unsupported
+
+
+@dataclass(slots=True)
+class RoundStats:
+    """Page records of one round (or of the whole stream, ``round == 0``).
+
+    ``*_bytes`` are wire bytes of those records, headers and block names included."""
+
+    round: int
+    first_offset: int | None = None
+    normal_pages: int = 0
+    zero_pages: int = 0
+    xbzrle_pages: int = 0
+    compressed_pages: int = 0
+    normal_bytes: int = 0
+    zero_bytes: int = 0
+    xbzrle_bytes: int = 0
+    compressed_bytes: int = 0
+
+    @property
+    def pages(self) -> int:
+        return self.normal_pages + self.zero_pages + self.xbzrle_pages + self.compressed_pages
+
+    @property
+    def bytes(self) -> int:
+        return self.normal_bytes + self.zero_bytes + self.xbzrle_bytes + self.compressed_bytes
+
+
+@dataclass(slots=True)
+class RamStats:
+    """Running RAM statistics; ``total`` matches QMP ``query-migrate`` ``ram.normal``
+    (normal pages on this channel), ``ram.duplicate`` (zero) and the XBZRLE record count."""
+
+    total: RoundStats = field(default_factory=lambda: RoundStats(0))
+    rounds: list[RoundStats] = field(default_factory=list)
+    sections: int = 0  # RAM sections seen (START/PART/END)
+    eos: int = 0
+    multifd_flushes: int = 0
+
+
+class _Block:
+    __slots__ = ("base", "index", "length", "name")
+
+    def __init__(self, name: str, index: int, length: int, base: int) -> None:
+        self.name = name
+        self.index = index
+        self.length = length
+        self.base = base  # position of the block's first byte in the concatenation of blocks
+
+
+class RamReader:
+    """RAM record state that lives for the whole migration (CONTINUE crosses sections)."""
+
+    def __init__(self, page_size: int) -> None:
+        self.page_size = page_size
+        self.stats = RamStats()
+        self.blocks: dict[bytes, _Block] = {}
+        self._next_base = 0
+        self._last: _Block | None = None  # last block named on this channel
+        self._last_pos = -1  # linear position of the last page record
+        self._flush_seen = False
+        self.skip = 0  # payload bytes of the last record still to come
+        self.section_id = 0
+
+    def add_block(self, name: bytes, length: int) -> None:
+        blk = _Block(name.decode("ascii", "replace"), len(self.blocks), length, self._next_base)
+        self.blocks[name] = blk
+        self._next_base += length
+
+    def note_flush(self) -> None:
+        self._flush_seen = True
+        self.stats.multifd_flushes += 1
+
+    def read_records(self, b: Buffer, out: list[Event]) -> int:  # noqa: C901, PLR0912, PLR0915
+        """Consume page records from ``b`` until a non-page record or the end of data.
+
+        Returns the flags of the record that stopped it (EOS / MEM_SIZE, not consumed), or 0
+        when the data ran out (``self.skip`` then holds the payload bytes still to come).
+        The hot loop: keep it flat, with locals."""
+        src = b.src
+        pos = b.pos
+        end = b.end
+        base = b.base
+        ps = self.page_size
+        align = (ps - 1) & ~RAM_SAVE_FLAG_MASK
+        blocks = self.blocks
+        cur = self._last
+        last_pos = self._last_pos
+        stats = self.stats
+        rnd = len(stats.rounds)
+        # the open run
+        run_off = -1
+        run_blk: _Block | None = None
+        n_norm = n_zero = n_xb = n_comp = 0
+        b_norm = b_zero = b_xb = b_comp = 0
+        stop = 0
+        try:
+            while True:
+                if pos + 8 > end:
+                    b.need(8)
+                (hdr,) = be64_from(src, pos)
+                flags = hdr & RAM_SAVE_FLAG_MASK
+                kind = flags & _KIND_MASK
+                if kind in _PAGE_KINDS:
+                    if flags & RAM_SAVE_FLAG_CONTINUE:
+                        blk = cur
+                        if blk is None:
+                            raise RamFormatError(
+                                "RAM_SAVE_FLAG_CONTINUE with no earlier block", base + pos
+                            )
+                        hl = 8
+                    else:
+                        if pos + 9 > end:
+                            b.need(9)
+                        n = src[pos + 8]
+                        if pos + 9 + n > end:
+                            b.need(9 + n)
+                        name = bytes(src[pos + 9 : pos + 9 + n])
+                        blk = blocks.get(name)
+                        if blk is None:
+                            raise RamFormatError(
+                                f"RAM record names unknown block {name!r}", base + pos
+                            )
+                        hl = 9 + n
+                    off = hdr - flags
+                    if off >= blk.length or off & align:
+                        raise RamFormatError(
+                            f"RAM record offset {off:#x} outside block {blk.name!r} "
+                            f"(length {blk.length:#x}) or not aligned to page size {ps}",
+                            base + pos,
+                        )
+                    if kind == RAM_SAVE_FLAG_PAGE:
+                        plen = ps
+                    elif kind == RAM_SAVE_FLAG_ZERO:
+                        plen = 1
+                    elif kind == RAM_SAVE_FLAG_XBZRLE:
+                        if pos + hl + 3 > end:
+                            b.need(hl + 3)
+                        if src[pos + hl] != ENCODING_FLAG_XBZRLE:
+                            raise RamFormatError(
+                                f"XBZRLE encoding byte {src[pos + hl]:#x}, expected 0x01",
+                                base + pos + hl,
+                            )
+                        (plen,) = be16_from(src, pos + hl + 1)
+                        if plen > ps:
+                            raise RamFormatError(
+                                f"XBZRLE length {plen} exceeds page size {ps}", base + pos + hl
+                            )
+                        hl += 3
+                    else:
+                        if pos + hl + 4 > end:
+                            b.need(hl + 4)
+                        (plen,) = be32_from(src, pos + hl)
+                        if plen > 2 * ps + 64:
+                            raise RamFormatError(
+                                f"compressed page length {plen} implausible for page size {ps}",
+                                base + pos + hl,
+                            )
+                        hl += 4
+                    # the record header is complete: account for it
+                    cur = blk
+                    lin = blk.base + off
+                    if lin <= last_pos or self._flush_seen or rnd == 0:
+                        self._flush_seen = False
+                        if run_blk is not None:
+                            self._flush_run(
+                                out,
+                                run_off,
+                                base + pos,
+                                run_blk,
+                                (n_norm, n_zero, n_xb, n_comp, b_norm, b_zero, b_xb, b_comp),
+                            )
+                            run_blk = None
+                        rnd += 1
+                        stats.rounds.append(RoundStats(rnd, base + pos))
+                    last_pos = lin
+                    if blk is not run_blk:
+                        if run_blk is not None:
+                            self._flush_run(
+                                out,
+                                run_off,
+                                base + pos,
+                                run_blk,
+                                (n_norm, n_zero, n_xb, n_comp, b_norm, b_zero, b_xb, b_comp),
+                            )
+                        run_blk = blk
+                        run_off = base + pos
+                        n_norm = n_zero = n_xb = n_comp = 0
+                        b_norm = b_zero = b_xb = b_comp = 0
+                    rec = hl + plen
+                    if kind == RAM_SAVE_FLAG_PAGE:
+                        n_norm += 1
+                        b_norm += rec
+                    elif kind == RAM_SAVE_FLAG_ZERO:
+                        n_zero += 1
+                        b_zero += rec
+                    elif kind == RAM_SAVE_FLAG_XBZRLE:
+                        n_xb += 1
+                        b_xb += rec
+                    else:
+                        n_comp += 1
+                        b_comp += rec
+                    if pos + rec > end:
+                        if b.limit is not None and base + pos + rec > b.limit:
+                            raise LimitCrossed
+                        self.skip = pos + rec - end
+                        pos = end
+                        break
+                    pos += rec
+                    b.pos = pos  # commit: the record is complete
+                    continue
+                if flags == RAM_SAVE_FLAG_MULTIFD_FLUSH and hdr == flags:
+                    if run_blk is not None:
+                        self._flush_run(
+                            out,
+                            run_off,
+                            base + pos,
+                            run_blk,
+                            (n_norm, n_zero, n_xb, n_comp, b_norm, b_zero, b_xb, b_comp),
+                        )
+                        run_blk = None
+                    out.append(RamMultifdFlush(base + pos, self.section_id))
+                    self.note_flush()
+                    pos += 8
+                    b.pos = pos
+                    continue
+                if flags == RAM_SAVE_FLAG_EOS and hdr == flags:
+                    stop = RAM_SAVE_FLAG_EOS
+                elif flags == RAM_SAVE_FLAG_MEM_SIZE:
+                    stop = RAM_SAVE_FLAG_MEM_SIZE
+                elif flags & _KIND_MASK == RAM_SAVE_FLAG_HOOK:
+                    raise RamFormatError(
+                        "RAM_SAVE_FLAG_HOOK: RDMA control data, not valid on a byte stream",
+                        base + pos,
+                        unsupported=True,
+                    )
+                else:
+                    raise RamFormatError(
+                        f"unknown RAM record header {hdr:#018x} (flags {flags:#x})", base + pos
+                    )
+                break
+        except NeedData:
+            pass
+        finally:
+            b.pos = pos
+            self._last = cur
+            self._last_pos = last_pos
+            if run_blk is not None:
+                self._flush_run(
+                    out,
+                    run_off,
+                    base + pos + self.skip,
+                    run_blk,
+                    (n_norm, n_zero, n_xb, n_comp, b_norm, b_zero, b_xb, b_comp),
+                )
+        return stop
+
+    def _flush_run(
+        self,
+        out: list[Event],
+        start: int,
+        stop: int,
+        blk: _Block,
+        counts: tuple[int, int, int, int, int, int, int, int],
+    ) -> None:
+        """Report the open run; it belongs to the newest round (a new round flushes first)."""
+        n_norm, n_zero, n_xb, n_comp, b_norm, b_zero, b_xb, b_comp = counts
+        rnd = len(self.stats.rounds)
+        sid = self.section_id
+        out.append(RamPages(start, stop - start, sid, blk.name, rnd, n_norm, n_zero, n_xb, n_comp))
+        for st in (self.stats.total, self.stats.rounds[rnd - 1]):
+            st.normal_pages += n_norm
+            st.zero_pages += n_zero
+            st.xbzrle_pages += n_xb
+            st.compressed_pages += n_comp
+            st.normal_bytes += b_norm
+            st.zero_bytes += b_zero
+            st.xbzrle_bytes += b_xb
+            st.compressed_bytes += b_comp
