@@ -177,6 +177,7 @@ class StreamParser:
         self._ram_section_id: int | None = None
         self._blobs: list[int] = []  # absolute end offsets of open PACKAGED blobs
         self._eof = False
+        self._ended_inside = False  # the stream ended inside a section without length
         self._error: StreamError | None = None
         self.events_before_error: list[Event] = []
         # the record being read
@@ -348,19 +349,26 @@ class StreamParser:
     def _check_end(self, out: list[Event]) -> None:
         state = self._state
         b = self._b
-        if state in (State.DONE, State.AFTER_EOF, State.OPAQUE):
+        if state in (State.DONE, State.AFTER_EOF) or (
+            state is State.OPAQUE and not self._ended_inside
+        ):
             return
         clean = b.available == 0 and not self._ram.skip
         if state is State.RECORDS and clean and not self._blobs and self._fragment:
             return
         if state is State.RECORDS and clean and not self._blobs:
             what = "between records, before QEMU_VM_EOF"
+        elif self._ended_inside:
+            what = f"inside section {self._cur_id}, before its footer"
         elif self._ram.skip:
-            what = f"inside a RAM page payload ({self._ram.skip} bytes missing)"
-        elif self._blobs and clean and state is State.RECORDS:
-            what = f"inside a PACKAGED blob ({self._blobs[-1] - b.offset} bytes missing)"
+            kind = "RAM page payload" if state is State.RAM else "skipped payload"
+            what = f"inside a {kind} ({self._ram.skip} bytes missing)"
+        elif state is State.RECORDS and clean:
+            what = "between records"
         else:
             what = f"inside a record ({b.available} bytes of it received)"
+        if self._blobs:
+            what += f", inside a PACKAGED blob ({self._blobs[-1] - b.offset} bytes missing)"
         err = TruncatedStream(
             f"stream ended {what}",
             offset=b.offset,
@@ -749,6 +757,7 @@ class StreamParser:
             i = k + 1
         if final:
             self._device_keep(buf, start, end, out)
+            self._ended_inside = not b.at_limit()
             self._unparsed(
                 f"no footer of section {self._cur_id} found before the end", self._dev_offset, out
             )
