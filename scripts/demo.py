@@ -53,7 +53,9 @@ async def demo(args: argparse.Namespace) -> int:
         print("demo: $ " + " ".join(cmd[2:]).replace("-m migtap", "migtap"), file=sys.stderr)
         tap = subprocess.Popen(cmd, stderr=subprocess.PIPE, cwd=ROOT)  # noqa: ASYNC220
         ready = threading.Event()
-        reader = threading.Thread(target=_echo, args=(tap.stderr, ready, "  migtap | "), daemon=True)
+        reader = threading.Thread(
+            target=_echo, args=(tap.stderr, ready, "  migtap | "), daemon=True
+        )
         reader.start()
         try:
             if not await asyncio.to_thread(ready.wait, 15):
@@ -86,8 +88,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=int(os.environ.get("MIGTAP_DEMO_PORT", "4444")))
     parser.add_argument("--mem-mib", type=int, default=128)
-    parser.add_argument("--random-mib", type=int, default=64, help="random data placed in guest RAM")
-    parser.add_argument("--multifd", type=int, default=0, metavar="N", help="use N multifd channels")
+    parser.add_argument(
+        "--random-mib", type=int, default=64, help="random data placed in guest RAM"
+    )
+    parser.add_argument(
+        "--multifd", type=int, default=0, metavar="N", help="use N multifd channels"
+    )
     return asyncio.run(demo(parser.parse_args()))
 
 

@@ -196,7 +196,11 @@ def random_ram_file(workdir: Path, size: int, seed: int = 1) -> Path:
         import random
 
         rng = random.Random(seed)
-        path.write_bytes(rng.randbytes(size))
+        tmp = path.with_suffix(".part")
+        with tmp.open("wb") as fh:
+            for start in range(0, size, 16 * MiB):
+                fh.write(rng.randbytes(min(16 * MiB, size - start)))
+        tmp.rename(path)
     return path
 
 

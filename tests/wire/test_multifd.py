@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import time
 import uuid
 from typing import TYPE_CHECKING
 
@@ -336,23 +335,23 @@ def test_bad_page_size() -> None:
             MultifdParser(page_size=size)
 
 
-def test_fast_and_bounded() -> None:
-    """1 GiB of pages in 64 KiB chunks: payload is skipped, the buffer never holds it."""
+def test_payload_is_counted_not_buffered() -> None:
+    """1 GiB of pages in 64 KiB chunks: payload is skipped, the buffer never holds it.
+
+    Speed is measured by scripts/bench_parser.py, never asserted in a test.
+    """
     header = mfd_packet(normal=128, payload=b"")
     payload_chunk = memoryview(bytes(65536))
     parser = MultifdParser()
     parser.feed(mfd_init())
-    start = time.perf_counter()
     for _num in range(2048):
         parser.feed(header)
         for _ in range(8):
             parser.feed(payload_chunk)
         assert len(parser._buf) == 0
-    elapsed = time.perf_counter() - start
     assert parser.stats.normal_pages == 2048 * 128
     assert parser.stats.payload_bytes == 2**30
     assert parser.feed_eof() == []
-    assert elapsed < 5, f"1 GiB took {elapsed:.2f} s"
 
 
 def test_stats_are_live_mid_payload() -> None:

@@ -1,0 +1,307 @@
+"""Benchmark: real 1 GiB migrations direct, via socat and via migtap, interleaved; raw throughput.
+
+For each of ``--runs`` rounds it migrates a guest with ``--random-mib`` MiB of random RAM once per
+path, in rotating order, with ``max-bandwidth`` raised so QEMU does not throttle itself. It
+reports the median of QEMU's own ``total-time`` per path and the ratio to direct. Then it pushes
+``--raw-gib`` GiB through each relay (and directly) with a socket sender and receiver and reports
+GiB/s. Relays run as separate processes, as they would in production.
+
+    .venv/bin/python scripts/bench_relay.py --runs 5 --out docs/bench-relay.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.qemu.harness import MiB, vm_pair  # noqa: E402
+
+GiB = 1024 * MiB
+
+
+def _free_port() -> int:
+    # Only for socat/haproxy, which cannot report a port-0 bind; a benchmark may live with the race.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RelayProc:
+    """A relay process listening on 127.0.0.1 and forwarding to 127.0.0.1:dst_port."""
+
+    def __init__(self, kind: str, dst_port: int, workdir: Path) -> None:
+        self.kind = kind
+        self.dst_port = dst_port
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    def start(self) -> None:
+        if self.kind.startswith("migtap"):
+            loop = self.kind.split("-", 1)[1]
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "migtap",
+                    "listen",
+                    "127.0.0.1:0",
+                    "--forward",
+                    f"127.0.0.1:{self.dst_port}",
+                    "--loop",
+                    loop,
+                    "--log-format",
+                    "json",
+                    "--log-level",
+                    "warning",
+                ],
+                stderr=subprocess.PIPE,
+                cwd=ROOT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+            # Never probe with a connection: the relay would pass it on and QEMU would take it
+            # as the main channel. Ask the socket table which port the process listens on.
+            self.port = self._wait_listening_port()
+        elif self.kind == "socat":
+            self.port = _free_port()
+            self.proc = subprocess.Popen(
+                [
+                    "socat",
+                    f"TCP-LISTEN:{self.port},bind=127.0.0.1,reuseaddr,fork",
+                    f"TCP:127.0.0.1:{self.dst_port}",
+                ],
+            )
+            self._wait_listening_port()
+        elif self.kind == "haproxy":
+            self.port = _free_port()
+            cfg = self.workdir / "haproxy.cfg"
+            cfg.write_text(
+                "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1m\n"
+                f"  timeout server 1m\nlisten fwd\n  bind 127.0.0.1:{self.port}\n"
+                f"  server dst 127.0.0.1:{self.dst_port}\n"
+            )
+            self.proc = subprocess.Popen(
+                ["haproxy", "-f", str(cfg), "-db"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            self._wait_listening_port()
+        else:
+            raise ValueError(self.kind)
+
+    def _wait_listening_port(self) -> int:
+        assert self.proc is not None
+        pid = self.proc.pid
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            out = subprocess.run(
+                ["ss", "-Hltnp"], capture_output=True, text=True, check=False
+            ).stdout
+            for line in out.splitlines():
+                if f"pid={pid}," in line:
+                    return int(line.split()[3].rsplit(":", 1)[1])
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.kind} did not start listening")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(
+                signal.SIGINT if self.kind.startswith("migtap") else signal.SIGTERM
+            )
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+async def one_migration(
+    path: str, args: argparse.Namespace, workdir: Path, verify: bool
+) -> dict[str, Any]:
+    mem = args.random_mib + 256
+    async with vm_pair(workdir, mem_mib=mem, random_mib=args.random_mib) as pair:
+        await pair.configure({}, {"max_bandwidth": 64 * GiB})
+        relay: RelayProc | None = None
+        try:
+            if path == "direct":
+                port = pair.dst_port
+            else:
+                relay = RelayProc(path, pair.dst_port, workdir)
+                relay.start()
+                port = relay.port
+            result = await pair.migrate(f"tcp:127.0.0.1:{port}", timeout_s=300)
+            src = result.source
+            if src["status"] != "completed":
+                raise RuntimeError(f"{path}: migration {src['status']}: {src.get('error-desc')}")
+            if verify:
+                await pair.assert_ram_identical()
+        finally:
+            if relay is not None:
+                relay.stop()
+    ram = src["ram"]
+    return {
+        "path": path,
+        "total_time_ms": src["total-time"],
+        "downtime_ms": src.get("downtime"),
+        "transferred": ram["transferred"],
+        "mbps": ram.get("mbps"),
+        "wall_s": round(result.elapsed_s, 3),
+        "ram_verified": verify,
+    }
+
+
+def raw_throughput(kind: str, total: int, workdir: Path) -> float:
+    """GiB/s of ``total`` bytes from a sender through the relay (or direct) to a receiver."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    dst_port = server.getsockname()[1]
+    received = [0]
+
+    def receive() -> None:
+        conn, _ = server.accept()
+        buf = bytearray(4 * MiB)
+        view = memoryview(buf)
+        with conn:
+            while n := conn.recv_into(view):
+                received[0] += n
+
+    relay = None
+    if kind != "direct":
+        relay = RelayProc(kind, dst_port, workdir)
+        relay.start()
+    port = relay.port if relay else dst_port
+    rx = threading.Thread(target=receive)
+    rx.start()
+    block = memoryview(os.urandom(4 * MiB))
+    t0 = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        sent = 0
+        while sent < total:
+            s.sendall(block)
+            sent += len(block)
+        s.shutdown(socket.SHUT_WR)
+        rx.join()
+    elapsed = time.perf_counter() - t0
+    server.close()
+    if relay:
+        relay.stop()
+    if received[0] != sent:
+        raise RuntimeError(f"{kind}: sent {sent}, received {received[0]}")
+    return sent / GiB / elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--random-mib", type=int, default=1024)
+    parser.add_argument("--raw-gib", type=float, default=4.0)
+    parser.add_argument("--raw-runs", type=int, default=3)
+    parser.add_argument("--paths", default="direct,socat,migtap-asyncio,migtap-uvloop")
+    parser.add_argument("--out", type=Path, help="write all figures as JSON here")
+    args = parser.parse_args()
+    paths = args.paths.split(",")
+    if "haproxy" not in paths and shutil.which("haproxy"):
+        paths.append("haproxy")
+    for tool in ("socat", "haproxy"):
+        if tool in paths and not shutil.which(tool):
+            print(
+                f"bench: {tool} not installed (apt-get install -y {tool}); skipping it",
+                file=sys.stderr,
+            )
+            paths.remove(tool)
+
+    workdir = Path(tempfile.mkdtemp(prefix="migtap-bench-"))
+    cache = ROOT / ".cache"
+    cache.mkdir(exist_ok=True)
+    runs: list[dict[str, Any]] = []
+    for i in range(args.runs):
+        order = paths[i % len(paths) :] + paths[: i % len(paths)]  # rotate: no path always first
+        for path in order:
+            r = asyncio.run(one_migration(path, args, cache, verify=(i == 0)))
+            r["run"] = i
+            runs.append(r)
+            print(
+                f"bench: run {i} {path:15s} total-time {r['total_time_ms']:6d} ms "
+                f"({r['transferred'] / GiB / (r['total_time_ms'] / 1000):.2f} GiB/s)",
+                file=sys.stderr,
+            )
+
+    raw: dict[str, list[float]] = {p: [] for p in paths}
+    for i in range(args.raw_runs):
+        for path in paths[i % len(paths) :] + paths[: i % len(paths)]:
+            gibs = raw_throughput(path, int(args.raw_gib * GiB), workdir)
+            raw[path].append(gibs)
+            print(f"bench: raw {i} {path:15s} {gibs:.2f} GiB/s", file=sys.stderr)
+
+    direct = statistics.median(r["total_time_ms"] for r in runs if r["path"] == "direct")
+    summary = []
+    print(
+        f"\n{'path':16s} {'median total-time':>18s} {'vs direct':>10s} "
+        f"{'median GiB/s':>13s} {'raw GiB/s':>10s}"
+    )
+    for path in paths:
+        times = [r["total_time_ms"] for r in runs if r["path"] == path]
+        rates = [
+            r["transferred"] / GiB / (r["total_time_ms"] / 1000) for r in runs if r["path"] == path
+        ]
+        med = statistics.median(times)
+        raw_med = statistics.median(raw[path]) if raw[path] else float("nan")
+        summary.append(
+            {
+                "path": path,
+                "median_total_time_ms": med,
+                "ratio_to_direct": med / direct,
+                "median_gib_s": statistics.median(rates),
+                "raw_gib_s": raw_med,
+                "total_times_ms": times,
+                "raw_runs_gib_s": raw[path],
+            }
+        )
+        print(
+            f"{path:16s} {med:15.0f} ms {med / direct:10.2f} "
+            f"{statistics.median(rates):13.2f} {raw_med:10.2f}"
+        )
+    if args.out:
+        machine = {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "qemu": subprocess.run(
+                ["qemu-system-x86_64", "--version"], capture_output=True, text=True, check=False
+            ).stdout.splitlines()[0],
+        }
+        args.out.write_text(
+            json.dumps(
+                {
+                    "machine": machine,
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                    "summary": summary,
+                    "runs": runs,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
