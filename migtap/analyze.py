@@ -1,0 +1,323 @@
+"""``migtap analyze FILE``: parse a captured main-channel stream and print what it holds.
+
+The file is read in chunks through the sans-IO parser, so memory stays bounded whatever its
+size (page payloads are skipped; device sections and the vmdesc are kept, as the parser does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, TextIO
+
+from migtap.annotate.render import DeviceState as DecodedDevice
+from migtap.annotate.render import RamState
+from migtap.annotate.render import state_dump as render_state
+from migtap.annotate.vmsd import VmDescription as Desc
+from migtap.annotate.walk import decode_section
+from migtap.errors import MigtapError, StreamError
+from migtap.wire import events as ev
+from migtap.wire.constants import SECTION_FOOTER_SIZE, SectionType
+from migtap.wire.stream import StreamParser
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from migtap.wire.ram import RamStats, RoundStats
+
+CHUNK_SIZE: Final = 1 << 20
+DUMPS: Final = ("sections", "ram", "desc", "state")
+_SHORT_KIND: Final = {
+    SectionType.QEMU_VM_SECTION_START: "START",
+    SectionType.QEMU_VM_SECTION_PART: "PART",
+    SectionType.QEMU_VM_SECTION_END: "END",
+    SectionType.QEMU_VM_SECTION_FULL: "FULL",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", type=Path, help="raw main-channel stream (src-to-dst.bin)")
+    parser.add_argument(
+        "--dump",
+        action="append",
+        choices=DUMPS,
+        help="what to print (repeatable; default: sections and ram). "
+        "desc: the vmdesc JSON; state: device state decoded with the vmdesc, "
+        "shaped like QEMU's analyze-migration.py -d state",
+    )
+    parser.add_argument("--json", action="store_true", help="one machine-readable JSON document")
+    parser.add_argument(
+        "--vmdesc", type=Path, help="decode with this vmdesc JSON instead of the stream's own"
+    )
+    parser.add_argument(
+        "--page-size",
+        type=int,
+        default=None,
+        help="target page size (default: the --vmdesc page_size, else 4096)",
+    )
+    parser.add_argument(
+        "--start",
+        choices=("header", "records"),
+        default="header",
+        help="'records' for a slice that starts between two records (no QEVM header)",
+    )
+    parser.add_argument(
+        "--offset", type=int, default=0, help="stream offset of the file's first byte"
+    )
+
+
+@dataclass(slots=True)
+class _Row:
+    offset: int
+    type: str
+    section_id: int | None = None
+    name: str | None = None
+    instance_id: int | None = None
+    version_id: int | None = None
+    size: int | None = None
+
+
+@dataclass(slots=True)
+class Analysis:
+    """What one pass over the stream collected."""
+
+    rows: list[_Row] = field(default_factory=list)
+    devices: list[ev.DeviceState] = field(default_factory=list)
+    ram_blocks: list[ev.RamBlockList] = field(default_factory=list)
+    vmdesc: ev.VmDescription | None = None
+    error: StreamError | None = None
+    ram: RamStats | None = None
+    length: int = 0
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.a = Analysis()
+        self._open: _Row | None = None
+
+    def add(self, events: Iterable[ev.Event]) -> None:
+        for e in events:
+            self._one(e)
+
+    def _close(self, end: int) -> None:
+        if self._open is not None:
+            self._open.size = end - self._open.offset
+            self._open = None
+
+    def _one(self, e: ev.Event) -> None:  # noqa: C901 - one branch per event kind
+        a = self.a
+        if isinstance(e, ev.SectionHeader):
+            row = _Row(e.offset, _SHORT_KIND.get(e.kind, e.kind.name), e.section_id, e.idstr,
+                       e.instance_id, e.version_id)  # fmt: skip
+            a.rows.append(row)
+            self._open = row
+        elif isinstance(e, ev.SectionFooter):
+            self._close(e.offset + SECTION_FOOTER_SIZE)
+        elif isinstance(e, ev.RamEndOfSection):
+            self._close(e.offset + 8)  # refined by the footer, if any
+            a.rows[-1].size = e.offset + 8 - a.rows[-1].offset
+        elif isinstance(e, ev.DeviceState):
+            a.devices.append(e)
+        elif isinstance(e, ev.RamBlockList):
+            a.ram_blocks.append(e)
+        elif isinstance(e, ev.Command | ev.Ping | ev.PostcopyAdvise | ev.PostcopyRamDiscard
+                        | ev.RecvBitmapRequest | ev.Packaged):  # fmt: skip
+            a.rows.append(_Row(e.offset, "COMMAND", name=_command_text(e)))
+        elif isinstance(e, ev.StreamHeader):
+            a.rows.append(_Row(e.offset, "HEADER", size=8))
+        elif isinstance(e, ev.Configuration):
+            a.rows.append(_Row(e.offset, "CONFIG", name=e.machine_type))
+        elif isinstance(e, ev.EndOfState):
+            a.rows.append(_Row(e.offset, "EOF", size=1))
+        elif isinstance(e, ev.VmDescription):
+            a.vmdesc = e
+            a.rows.append(_Row(e.offset, "VMDESC", size=5 + len(e.json_bytes)))
+        elif isinstance(e, ev.Unparsed):
+            a.rows.append(_Row(e.offset, "UNPARSED", name=e.reason))
+        elif isinstance(e, ev.PackagedEnd):
+            a.rows.append(_Row(e.offset, "PKG END"))
+
+
+def _command_text(e: ev.Event) -> str:
+    text = type(e).__name__
+    if isinstance(e, ev.Ping):
+        text = f"PING {e.value}"
+    elif isinstance(e, ev.PostcopyAdvise):
+        text = f"POSTCOPY_ADVISE {e.ram_pagesize_summary} {e.target_page_size}"
+    elif isinstance(e, ev.PostcopyRamDiscard):
+        text = f"POSTCOPY_RAM_DISCARD {e.block} {len(e.ranges)} ranges"
+    elif isinstance(e, ev.RecvBitmapRequest):
+        text = f"RECV_BITMAP {e.block}"
+    elif isinstance(e, ev.Packaged):
+        text = f"PACKAGED {e.length} bytes"
+    elif isinstance(e, ev.Command):
+        text = e.cmd.name.removeprefix("MIG_CMD_")
+    return text
+
+
+def analyze_file(
+    path: Path, *, page_size: int = 4096, start: str = "header", offset: int = 0
+) -> Analysis:
+    """Parse ``path`` in chunks; a stream error ends the pass and is kept in ``error``."""
+    parser = StreamParser(page_size, start="records" if start == "records" else "header",
+                          offset=offset)  # fmt: skip
+    col = _Collector()
+    try:
+        with path.open("rb") as f:
+            while chunk := f.read(CHUNK_SIZE):
+                col.add(parser.feed(chunk))
+                col.a.length += len(chunk)
+        col.add(parser.feed_eof())
+    except StreamError as exc:
+        col.add(parser.events_before_error)
+        col.a.error = exc
+    col.a.ram = parser.ram_stats
+    return col.a
+
+
+# -- output ------------------------------------------------------------------------------------
+def _fmt(v: int | None, hexa: bool = False) -> str:
+    if v is None:
+        return "-"
+    return f"{v:#x}" if hexa else str(v)
+
+
+def write_sections(a: Analysis, out: TextIO) -> None:
+    out.write(f"{'offset':>12}  {'type':<8} {'id':>4}  {'name':<32} {'inst':>10} {'ver':>4} "
+              f"{'size':>10}\n")  # fmt: skip
+    out.writelines(
+        f"{r.offset:#12x}  {r.type:<8} {_fmt(r.section_id):>4}  {r.name or '':<32} "
+        f"{_fmt(r.instance_id):>10} {_fmt(r.version_id):>4} {_fmt(r.size):>10}\n"
+        for r in a.rows
+    )
+
+
+_ROUND_COLS: Final = ("normal", "zero", "xbzrle", "compressed")
+
+
+def write_ram(a: Analysis, out: TextIO) -> None:
+    stats = a.ram
+    if stats is None:
+        return
+    out.write(f"RAM: {stats.sections} sections, {stats.eos} EOS, "
+              f"{stats.multifd_flushes} multifd flushes, {len(stats.rounds)} rounds\n")  # fmt: skip
+    head = "".join(f" {c + ' pages':>17} {c + ' bytes':>17}" for c in _ROUND_COLS)
+    out.write(f"{'round':>6} {'first offset':>14}{head}\n")
+    for r in [*stats.rounds, stats.total]:
+        name = str(r.round) if r.round else "total"
+        cells = "".join(
+            f" {getattr(r, c + '_pages'):>17} {getattr(r, c + '_bytes'):>17}" for c in _ROUND_COLS
+        )
+        out.write(f"{name:>6} {_fmt(r.first_offset, hexa=True):>14}{cells}\n")
+
+
+def _round_json(r: RoundStats) -> dict[str, Any]:
+    return asdict(r)
+
+
+def _vmdesc_obj(a: Analysis, vmdesc_file: Path | None) -> Any:  # noqa: ANN401 - JSON value
+    if vmdesc_file is not None:
+        return json.loads(vmdesc_file.read_bytes())
+    if a.vmdesc is None:
+        raise MigtapError("the stream has no VMDESCRIPTION (postcopy, suppress-vmdesc, cut "
+                          "short?); pass one with --vmdesc")  # fmt: skip
+    return a.vmdesc.desc
+
+
+def state_dump(a: Analysis, desc_obj: Any, err: TextIO) -> dict[str, Any]:  # noqa: ANN401
+    """Decode every device section with the vmdesc: analyze-migration.py -d state's shape."""
+    desc = Desc.from_json(desc_obj)
+    sections: list[DecodedDevice | RamState] = []
+    ram_ids = {b.section_id for b in a.ram_blocks}
+    for blocks in a.ram_blocks:
+        sizes = {b.idstr: b.used_length for b in blocks.blocks}
+        sections.append(RamState(blocks.section_id, sizes))
+    for d in a.devices:
+        full = d.kind == SectionType.QEMU_VM_SECTION_FULL
+        if d.idstr is None or not full or d.section_id in ram_ids:
+            continue
+        dd = desc.find(d.idstr, d.instance_id or 0)
+        if dd is None:
+            err.write(f"migtap analyze: no vmdesc entry for {d.idstr} ({d.instance_id})\n")
+            continue
+        decoded = decode_section(dd, d.payload, base_offset=d.payload_offset)
+        if decoded.consumed != len(d.payload):
+            err.write(
+                f"migtap analyze: {d.idstr} ({d.instance_id}): the vmdesc uses "
+                f"{decoded.consumed} bytes, the footer scan found {len(d.payload)}\n"
+            )
+        sections.append(DecodedDevice(d.section_id, decoded))
+    return render_state(sections)
+
+
+def _error_json(e: StreamError) -> dict[str, Any]:
+    return {"type": type(e).__name__, "message": str(e), "offset": e.offset, "state": e.state}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``migtap analyze``; returns the exit code."""
+    out: TextIO = sys.stdout
+    err: TextIO = sys.stderr
+    dumps: list[str] = args.dump or ["sections", "ram"]
+    page_size = args.page_size
+    try:
+        if page_size is None and args.vmdesc is not None:
+            ps = json.loads(args.vmdesc.read_bytes()).get("page_size")
+            page_size = ps if isinstance(ps, int) else None
+        a = analyze_file(args.file, page_size=page_size or 4096, start=args.start,
+                         offset=args.offset)  # fmt: skip
+        doc = _render(a, dumps, args, out, err)
+    except (OSError, ValueError, MigtapError) as exc:
+        err.write(f"migtap analyze: {args.file}: {exc}\n")
+        return 1
+    if args.json:
+        json.dump(doc, out, indent=2)
+        out.write("\n")
+    if a.error is not None:
+        err.write(f"migtap analyze: {args.file}: {a.error}\n")
+        return 1
+    return 0
+
+
+def _render(a: Analysis, dumps: list[str], args: argparse.Namespace, out: TextIO,
+            err: TextIO) -> dict[str, Any]:  # fmt: skip
+    doc: dict[str, Any] = {"file": str(args.file), "length": a.length}
+    doc["error"] = _error_json(a.error) if a.error is not None else None
+    for what in dumps:
+        if what == "sections":
+            doc["sections"] = [asdict(r) for r in a.rows]
+            if not args.json:
+                write_sections(a, out)
+        elif what == "ram" and a.ram is not None:
+            doc["ram"] = {
+                "rounds": [_round_json(r) for r in a.ram.rounds],
+                "total": _round_json(a.ram.total),
+                "sections": a.ram.sections,
+                "eos": a.ram.eos,
+                "multifd_flushes": a.ram.multifd_flushes,
+            }
+            if not args.json:
+                write_ram(a, out)
+        elif what == "desc":
+            doc["vmdesc"] = _vmdesc_obj(a, args.vmdesc)
+            if not args.json:
+                json.dump(doc["vmdesc"], out, indent=2)
+                out.write("\n")
+        elif what == "state":
+            doc["state"] = state_dump(a, _vmdesc_obj(a, args.vmdesc), err)
+            if not args.json:
+                out.write(json.dumps(doc["state"], indent=4, separators=(",", ": ")) + "\n")
+    return doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="migtap analyze", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
