@@ -750,20 +750,20 @@ class StreamParser:
             verdict = self._plausible_next(buf, k + SECTION_FOOTER_SIZE, end, final)
             if verdict is None:
                 self._device_keep(buf, start, k, out)
-                return False
+                return self._state is not State.DEVICE  # cap hit: carry on in the new state
             if verdict:
                 self._device_done(buf, start, k, out)
                 return True
             i = k + 1
         if final:
             self._device_keep(buf, start, end, out)
-            self._ended_inside = not b.at_limit()
-            self._unparsed(
-                f"no footer of section {self._cur_id} found before the end", self._dev_offset, out
-            )
+            if self._state is State.DEVICE:
+                self._ended_inside = not b.at_limit()
+                reason = f"no footer of section {self._cur_id} found before the end"
+                self._unparsed(reason, self._dev_offset, out)
             return True
         self._device_keep(buf, start, max(start, end - (SECTION_FOOTER_SIZE - 1)), out)
-        return False
+        return self._state is not State.DEVICE
 
     def _device_keep(self, buf: bytes | bytearray, start: int, stop: int, out: list[Event]) -> None:
         self._dev += buf[start:stop]

@@ -248,3 +248,13 @@ def test_truncated_everywhere_in_fixture() -> None:
         assert err is None or err[0] is TruncatedStream
         n = max(0, len(events) - 2)  # the last events may describe the cut-off part
         assert events[:n] == whole[:n]
+
+
+def test_device_section_cap_inside_blob_resumes_after_it() -> None:
+    big = b"\x01" * (18 << 20)  # the cap (16 MiB) is hit before the footer arrives
+    blob = s.full_header(SectionType.QEMU_VM_SECTION_FULL, 4, "dev") + big + s.footer(4)
+    data = RAM + s.packaged(blob) + s.ping(4) + s.eof()
+    events, err = parse_chunks(chunked(data, 1 << 20))
+    assert err is None
+    names = [type(e).__name__ for e in events]
+    assert names[-5:] == ["SectionHeader", "Unparsed", "PackagedEnd", "Ping", "EndOfState"]
