@@ -7,6 +7,7 @@ import asyncio
 import importlib
 import signal
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,8 @@ from migtap.log import configure_logging
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
+
+    from migtap.tap import TapSettings
 
 EXIT_USAGE = 2
 
@@ -74,6 +77,40 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="bytes at which reading resumes (default 1 MiB)",
     )
+    tap = listen.add_argument_group("tap (parsing, capture, progress)")
+    tap.add_argument(
+        "--capture",
+        metavar="DIR",
+        default=None,
+        help="write one capture directory per migration under DIR",
+    )
+    tap.add_argument(
+        "--capture-ram",
+        choices=CHOICES["capture_ram"],
+        default=None,
+        help="full (default): every byte; none: page contents left out, files tiny",
+    )
+    tap.add_argument(
+        "--vmdesc",
+        metavar="FILE",
+        default=None,
+        help="decode device state with this vmdesc JSON when the stream has none (postcopy)",
+    )
+    tap.add_argument(
+        "--page-size",
+        type=int,
+        default=None,
+        help="target page size until the stream says (default 4096)",
+    )
+    tap.add_argument(
+        "--progress-interval-s",
+        type=float,
+        default=None,
+        help="seconds between progress lines (default 1)",
+    )
+    tap.add_argument(
+        "--no-tap", action="store_true", help="relay only: no parsing, no capture, no progress"
+    )
     listen.set_defaults(run=_run_listen)
 
     try:
@@ -107,6 +144,11 @@ def listen_config(args: argparse.Namespace) -> Config:
         "connect_timeout_s",
         "write_buffer_high",
         "write_buffer_low",
+        "capture",
+        "capture_ram",
+        "vmdesc",
+        "page_size",
+        "progress_interval_s",
     ):
         value = getattr(args, key)
         if value is not None:
@@ -126,15 +168,37 @@ def _run_listen(args: argparse.Namespace) -> int:
     config = listen_config(args)
     configure_logging(config.log_format, config.log_level)  # type: ignore[arg-type]
     with asyncio.Runner(loop_factory=_loop_factory(config.loop)) as runner:
-        return runner.run(serve(config))
+        return runner.run(serve(config, tap=not args.no_tap))
 
 
-async def serve(config: Config) -> int:
+def tap_settings(config: Config) -> TapSettings:
+    """The tap's settings from the config; reads --vmdesc now so a bad file fails at start."""
+    from migtap.annotate.vmsd import VmDescription  # noqa: PLC0415
+    from migtap.errors import StreamError  # noqa: PLC0415
+    from migtap.tap import TapSettings  # noqa: PLC0415
+
+    vmdesc = None
+    if config.vmdesc is not None:
+        try:
+            vmdesc = VmDescription.from_json(config.vmdesc.read_bytes())
+        except (OSError, StreamError) as exc:
+            raise ConfigError(f"{config.vmdesc}: not a usable vmdesc: {exc}", key="vmdesc") from exc
+    return TapSettings(
+        page_size=config.page_size,
+        capture_dir=config.capture,
+        capture_ram="none" if config.capture_ram == "none" else "full",
+        vmdesc=vmdesc,
+        progress_interval_s=config.progress_interval_s,
+        config={k: str(v) for k, v in asdict(config).items() if k != "extra"},
+    )
+
+
+async def serve(config: Config, *, tap: bool = True) -> int:
     from migtap.relay.server import Relay  # noqa: PLC0415 - keep `migtap --help` light
 
     log = structlog.get_logger("migtap")
     loop = asyncio.get_running_loop()
-    async with Relay(config) as relay:
+    async with Relay(config, tap=tap_settings(config) if tap else None) as relay:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, relay.stop)
         await relay.wait_stopped()

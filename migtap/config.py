@@ -5,13 +5,11 @@ from __future__ import annotations
 import ipaddress
 import tomllib
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 from migtap.errors import ConfigError
 from migtap.log import LEVELS
-
-if TYPE_CHECKING:
-    from pathlib import Path
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +71,11 @@ class Config:
     connect_timeout_s: float = 10.0
     write_buffer_high: int = 4 * 1024 * 1024
     write_buffer_low: int = 1024 * 1024
+    capture: Path | None = None
+    capture_ram: str = "full"
+    vmdesc: Path | None = None
+    page_size: int = 4096
+    progress_interval_s: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -80,13 +83,17 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loop": ("asyncio", "uvloop"),
     "log_format": ("auto", "console", "json"),
     "log_level": LEVELS,
+    "capture_ram": ("full", "none"),
 }
 NUMBERS: dict[str, type] = {
     "grace_period_s": float,
     "connect_timeout_s": float,
     "write_buffer_high": int,
     "write_buffer_low": int,
+    "page_size": int,
+    "progress_interval_s": float,
 }
+PATHS = ("capture", "vmdesc")
 KNOWN = {f.name for f in fields(Config)} - {"extra"}
 
 
@@ -130,6 +137,8 @@ def _check(key: str, value: object, file: str | None) -> object:
         if not isinstance(value, str):
             raise ConfigError("must be a string HOST:PORT", key=key, file=file)
         return parse_address(value, key=key, file=file)
+    if key in PATHS:
+        return _check_path(key, value, file)
     if key in CHOICES:
         if value not in CHOICES[key]:
             raise ConfigError(
@@ -141,5 +150,16 @@ def _check(key: str, value: object, file: str | None) -> object:
             raise ConfigError(f"must be a number, not {value!r}", key=key, file=file)
         if value <= 0:
             raise ConfigError(f"must be positive, not {value!r}", key=key, file=file)
+        if key == "page_size" and (not isinstance(value, int) or value & (value - 1)):
+            raise ConfigError(f"must be a power of two, not {value!r}", key=key, file=file)
         return NUMBERS[key](value)
     return value
+
+
+def _check_path(key: str, value: object, file: str | None) -> Path:
+    if not isinstance(value, str | Path) or not str(value):
+        raise ConfigError("must be a path", key=key, file=file)
+    path = Path(value).expanduser()
+    if key == "vmdesc" and not path.is_file():
+        raise ConfigError(f"{path} is not a readable file", key=key, file=file)
+    return path

@@ -14,6 +14,7 @@ import structlog
 from migtap.errors import RelayError
 from migtap.relay.pipe import Direction, Pipe
 from migtap.relay.session import Session, SessionRegistry, host_of
+from migtap.tap import SessionTap, TapSettings
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -26,15 +27,20 @@ log = structlog.get_logger("migtap.relay")
 class Relay:
     """``async with Relay(config) as relay:`` listens until the block ends or ``stop()``."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, tap: TapSettings | None = None) -> None:
         self.config = config
-        self.registry = SessionRegistry(on_session_end=self._session_ended)
+        self.tap_settings = tap
+        self.registry = SessionRegistry(
+            on_session_end=self._session_ended,
+            tap_factory=self._make_tap if tap is not None else None,
+        )
         self.pipes: dict[int, Pipe] = {}
         self._next_pipe = 1
         self._server: asyncio.Server | None = None
         self._tg = asyncio.TaskGroup()
         self._connect_locks: dict[str, asyncio.Lock] = {}
         self._stopping = asyncio.Event()
+        self._closing = False
         self.sessions_ended: collections.deque[Session] = collections.deque(maxlen=256)
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -69,6 +75,8 @@ class Relay:
             )
         except OSError as exc:
             raise RelayError(f"cannot listen on {self.config.listen}: {exc.strerror}") from exc
+        if self.tap_settings is not None:
+            self._tg.create_task(self._tick())
         log.info(
             "listening",
             listen=[_fmt(s.getsockname()) for s in self._server.sockets],
@@ -88,11 +96,32 @@ class Relay:
     def stop(self) -> None:
         self._stopping.set()
 
+    def _make_tap(self, session: Session) -> SessionTap:
+        assert self.tap_settings is not None
+        loop = asyncio.get_running_loop()
+        return SessionTap(
+            session.session_id,
+            self.tap_settings,
+            throttle=session,
+            call_soon_threadsafe=loop.call_soon_threadsafe,
+        )
+
+    async def _tick(self) -> None:
+        """Drive the progress logs: they are throttled to one line per interval each."""
+        assert self.tap_settings is not None
+        interval = min(self.tap_settings.progress_interval_s, 1.0) / 4
+        while not self._closing:
+            await asyncio.sleep(interval)
+            for session in list(self.registry.sessions.values()):
+                if session.tap is not None:
+                    session.tap.tick()
+
     async def wait_stopped(self) -> None:
         await self._stopping.wait()
 
     async def shutdown(self, grace_s: float) -> None:
         """Stop accepting, let sessions finish within ``grace_s``, then abort the rest."""
+        self._closing = True
         if self._server is not None:
             self._server.close()
         pending = [p.closed for p in self.pipes.values() if not p.closed.done()]
@@ -188,6 +217,7 @@ class Relay:
         duration = (session.ended or time.monotonic()) - session.started
         errors = [c.pipe.error for c in session.channels if c.pipe.error]
         reasons = sorted({c.pipe.close_reason or "?" for c in session.channels})
+        summary = session.tap.close() if session.tap is not None else None
         log.info(
             "session_ended",
             session=session.session_id,
@@ -199,6 +229,7 @@ class Relay:
             rate_mib_s=round(s2d / duration / 2**20, 1) if duration > 0 else None,
             close_reasons=reasons,
             errors=errors or None,
+            outcome=summary.outcome if summary is not None else None,
         )
         self.sessions_ended.append(session)
 

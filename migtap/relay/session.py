@@ -9,24 +9,32 @@ from typing import TYPE_CHECKING
 import structlog
 
 from migtap.relay.pipe import Direction, Pipe
+from migtap.sinks import ChannelInfo
 from migtap.wire.channel import ChannelKind, classify
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from migtap.tap import ChannelTap, SessionTap
+
 log = structlog.get_logger("migtap.relay")
+
+#: Bytes held per connection before its kind is known (classification needs at most 4).
+MAX_PENDING = 64 * 1024
 
 
 @dataclass(slots=True)
 class Channel:
-    """One connection of a session, as the tap sees it."""
+    """One connection of a session, as the relay sees it."""
 
     pipe: Pipe
     kind: ChannelKind | None = None
     prefix: bytes = b""
+    pending: list[tuple[Direction, int, bytes]] = field(default_factory=list)
+    tap: ChannelTap | None = None
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Session:
     session_id: int
     source_host: str
@@ -34,6 +42,8 @@ class Session:
     started_wall: float = field(default_factory=time.time)
     channels: list[Channel] = field(default_factory=list)
     ended: float | None = None
+    tap: SessionTap | None = None
+    pause_reasons: set[str] = field(default_factory=set)
 
     @property
     def open(self) -> bool:
@@ -44,13 +54,33 @@ class Session:
         d2s = sum(c.pipe.bytes_dst_to_src for c in self.channels)
         return s2d, d2s
 
+    # Throttle: a sink (the capture writer) holds every socket of the session back.
+    def pause(self, reason: str) -> None:
+        self.pause_reasons.add(reason)
+        for c in self.channels:
+            c.pipe.downstream.pause(reason)
+            c.pipe.upstream.pause(reason)
+
+    def resume(self, reason: str) -> None:
+        self.pause_reasons.discard(reason)
+        for c in self.channels:
+            c.pipe.downstream.resume(reason)
+            c.pipe.upstream.resume(reason)
+
 
 def host_of(peer: tuple[object, ...] | None) -> str:
     return str(peer[0]) if peer else "?"
 
 
+def _fmt(addr: tuple[object, ...] | None) -> str | None:
+    if not addr or len(addr) < 2:
+        return None
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
 class SessionRegistry:
-    """Groups pipes into sessions as their first bytes arrive.
+    """Groups pipes into sessions as their first bytes arrive, and feeds each session's tap.
 
     A main channel (``QEVM``) opens a new session. A multifd or unrecognised channel joins the
     newest open session from the same source host that has a main channel, or else opens its own.
@@ -58,12 +88,17 @@ class SessionRegistry:
     grouping of their multifd channels is a best guess; every byte is still relayed exactly.
     """
 
-    def __init__(self, on_session_end: Callable[[Session], None] | None = None) -> None:
+    def __init__(
+        self,
+        on_session_end: Callable[[Session], None] | None = None,
+        tap_factory: Callable[[Session], SessionTap | None] | None = None,
+    ) -> None:
         self._next_id = 1
         self.sessions: dict[int, Session] = {}
         self._by_pipe: dict[int, Channel] = {}
         self._session_of: dict[int, Session] = {}
         self._on_session_end = on_session_end
+        self._tap_factory = tap_factory
 
     def _new_session(self, host: str, first: Channel) -> Session:
         session = Session(self._next_id, host)
@@ -75,30 +110,43 @@ class SessionRegistry:
             source=host,
             first_channel=first.kind.value if first.kind else "pending",
         )
+        if self._tap_factory is not None:
+            session.tap = self._tap_factory(session)
         return session
 
     def add_pipe(self, pipe: Pipe) -> None:
         self._by_pipe[pipe.pipe_id] = Channel(pipe)
 
     def on_chunk(self, pipe: Pipe, direction: Direction, offset: int, chunk: bytes) -> None:
-        if direction is not Direction.SRC_TO_DST or offset >= 4:
-            return
         channel = self._by_pipe.get(pipe.pipe_id)
-        if channel is None or channel.kind is not None:
+        if channel is None:
             return
-        channel.prefix += chunk[: 4 - len(channel.prefix)]
-        kind = classify(channel.prefix)
-        if kind is not None:
-            self._assign(channel, kind)
+        tap = channel.tap
+        if tap is not None:
+            session = self._session_of[pipe.pipe_id]
+            assert session.tap is not None
+            session.tap.on_chunk(tap, direction, offset, chunk)
+            return
+        if channel.kind is not None:
+            return  # classified, but its session has no tap
+        if sum(len(c) for _, _, c in channel.pending) < MAX_PENDING:
+            channel.pending.append((direction, offset, chunk))
+        if direction is Direction.SRC_TO_DST and len(channel.prefix) < 4:
+            channel.prefix += chunk[: 4 - len(channel.prefix)]
+            kind = classify(channel.prefix)
+            if kind is not None:
+                self._assign(channel, kind)
 
     def on_pipe_closed(self, pipe: Pipe) -> None:
         channel = self._by_pipe.pop(pipe.pipe_id, None)
         if channel is None:
             return
-        if pipe.pipe_id not in self._session_of:
+        if channel.kind is None:
             # Closed before we could tell what it was (refused upstream, no bytes, short prefix).
             self._assign(channel, classify(channel.prefix) or ChannelKind.UNKNOWN)
         session = self._session_of.pop(pipe.pipe_id)
+        if session.tap is not None and channel.tap is not None:
+            session.tap.channel_closed(channel.tap, pipe.close_reason)
         if all(c.pipe.ended is not None for c in session.channels) and session.ended is None:
             session.ended = time.monotonic()
             del self.sessions[session.session_id]
@@ -107,21 +155,40 @@ class SessionRegistry:
 
     def _assign(self, channel: Channel, kind: ChannelKind) -> None:
         channel.kind = kind
-        pipe_id = channel.pipe.pipe_id
-        session = self._session_of.get(pipe_id)
+        pipe = channel.pipe
+        session = self._session_of.get(pipe.pipe_id)
         if session is None:
             session = self._find_session(channel, kind)
             if session is None:
-                session = self._new_session(host_of(channel.pipe.source), channel)
+                session = self._new_session(host_of(pipe.source), channel)
             session.channels.append(channel)
-            self._session_of[pipe_id] = session
+            self._session_of[pipe.pipe_id] = session
+            for reason in session.pause_reasons:
+                pipe.downstream.pause(reason)
+                pipe.upstream.pause(reason)
+        index = session.channels.index(channel)
         log.info(
             "channel_joined",
             session=session.session_id,
-            pipe=pipe_id,
+            pipe=pipe.pipe_id,
             kind=kind.value,
-            index=session.channels.index(channel),
+            index=index,
         )
+        if session.tap is not None:
+            info = ChannelInfo(
+                index=index,
+                pipe_id=pipe.pipe_id,
+                kind=kind.value,
+                source=_fmt(pipe.source),
+                destination=_fmt(pipe.destination),
+                started_wall=pipe.started_wall,
+            )
+            channel.tap = session.tap.add_channel(info, kind)
+            pending, channel.pending = channel.pending, []
+            for direction, offset, chunk in pending:
+                session.tap.on_chunk(channel.tap, direction, offset, chunk)
+        else:
+            channel.pending = []
 
     def _find_session(self, channel: Channel, kind: ChannelKind) -> Session | None:
         if kind is ChannelKind.MAIN:

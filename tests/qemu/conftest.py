@@ -6,6 +6,7 @@ import pytest
 
 from migtap.config import Address, Config
 from migtap.relay.server import Relay
+from migtap.tap import TapSettings
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -31,7 +32,12 @@ def relay_config(forward_port: int, **kw: object) -> Config:
 
 @pytest.fixture
 def make_relay() -> Callable[..., AbstractAsyncContextManager[Relay]]:
-    def make(forward_port: int, **kw: object) -> AbstractAsyncContextManager[Relay]:
-        return Relay(relay_config(forward_port, **kw))
+    """An in-process migtap between source and destination, with the tap on by default."""
+
+    def make(
+        forward_port: int, *, tap: TapSettings | None = None, relay_only: bool = False, **kw: object
+    ) -> AbstractAsyncContextManager[Relay]:
+        settings = None if relay_only else (tap or TapSettings(progress_interval_s=0.2))
+        return Relay(relay_config(forward_port, **kw), tap=settings)
 
     return make

@@ -1,0 +1,305 @@
+"""The tap: joins a relay session to the wire parsers and the sinks.
+
+For every connection of a session it picks parsers by the channel's first bytes (main stream
+and return path, multifd, or none), feeds them each chunk *after* the relay forwarded it, and
+hands chunks and events to the sinks (progress, annotate, capture). A parser error is logged
+once and that parser detached; a failing sink is logged once and detached; the bytes keep
+flowing either way. Nothing here touches a socket.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import structlog
+
+from migtap.annotate.live import AnnotateSink
+from migtap.errors import StreamError
+from migtap.relay.pipe import Direction
+from migtap.sinks import ChannelInfo, SessionSummary, Sink, Throttle
+from migtap.sinks.progress import ProgressSink
+from migtap.wire.channel import ChannelKind
+from migtap.wire.multifd import MultifdParser
+from migtap.wire.return_path import ReturnPathParser
+from migtap.wire.stream import StreamParser
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
+    from migtap.annotate.vmsd import VmDescription
+
+log = structlog.get_logger("migtap.tap")
+
+Parser = StreamParser | MultifdParser | ReturnPathParser
+TAIL_BYTES = 64  # how much of the main stream we keep to show where a destination gave up
+
+
+@dataclass(frozen=True, slots=True)
+class TapSettings:
+    page_size: int = 4096
+    capture_dir: Path | None = None
+    capture_ram: Literal["full", "none"] = "full"
+    vmdesc: VmDescription | None = None
+    progress_interval_s: float = 1.0
+    config: dict[str, object] | None = None
+
+
+class ChannelTap:
+    """The parsers of one connection, one per direction."""
+
+    __slots__ = ("d2s", "failed", "info", "s2d", "tail")
+
+    def __init__(self, info: ChannelInfo, kind: ChannelKind, page_size: int) -> None:
+        self.info = info
+        self.s2d: Parser | None = None
+        self.d2s: Parser | None = None
+        self.failed = False
+        self.tail = b""
+        if kind is ChannelKind.MAIN:
+            self.s2d = StreamParser(page_size=page_size)
+            self.d2s = ReturnPathParser()
+        elif kind is ChannelKind.MULTIFD:
+            self.s2d = MultifdParser(page_size=page_size)
+
+
+class SessionTap:
+    """Everything the tap does for one migration session."""
+
+    def __init__(
+        self,
+        session_id: int,
+        settings: TapSettings,
+        *,
+        throttle: Throttle,
+        call_soon_threadsafe: Callable[[Callable[[], None]], object],
+    ) -> None:
+        self.session_id = session_id
+        self.settings = settings
+        self.log = log.bind(session=session_id)
+        self.started_wall = time.time()
+        self.progress = ProgressSink(session_id, interval_s=settings.progress_interval_s)
+        self.capture: Sink | None = None
+        self.capture_dir: Path | None = None
+        write_file: Callable[[str, bytes], None] | None = None
+        if settings.capture_dir is not None:
+            from migtap.sinks.capture import CaptureSink  # noqa: PLC0415 - only when capturing
+
+            try:
+                capture = CaptureSink(
+                    settings.capture_dir,
+                    session_id,
+                    capture_ram=settings.capture_ram,
+                    throttle=throttle,
+                    call_soon_threadsafe=call_soon_threadsafe,
+                    config=settings.config,
+                )
+            except Exception as exc:  # noqa: BLE001 - the tap never breaks a migration
+                self.log.warning(
+                    "capture_unavailable",
+                    error=repr(exc),
+                    action="migration continues without a capture",
+                )
+            else:
+                self.capture = capture
+                self.capture_dir = capture.directory
+                write_file = getattr(capture, "write_file", None)
+        self.annotate = AnnotateSink(session_id, fallback=settings.vmdesc, write_file=write_file)
+        # Order matters at the end: progress logs the summary, annotate writes its file through
+        # the capture, then the capture closes.
+        self.sinks: list[Sink] = [self.progress, self.annotate]
+        if self.capture is not None:
+            self.sinks.append(self.capture)
+        self.channels: list[ChannelTap] = []
+
+    # -- channels -----------------------------------------------------------------------------
+    def add_channel(self, info: ChannelInfo, kind: ChannelKind) -> ChannelTap:
+        tap = ChannelTap(info, kind, self.settings.page_size)
+        self.channels.append(tap)
+        self._each_sink("on_channel", lambda s: s.on_channel(info))
+        if tap.s2d is None and kind is not ChannelKind.MULTIFD:
+            self.log.info(
+                "channel_not_parsed",
+                ch=info.index,
+                kind=kind.value,
+                reason={
+                    ChannelKind.TLS: "TLS: encrypted, passed through",
+                    ChannelKind.HTTP: "an HTTP request, not QEMU: passed through",
+                }.get(kind, "not a main or multifd channel (postcopy preempt?): passed through"),
+            )
+        return tap
+
+    def on_chunk(self, tap: ChannelTap, direction: Direction, offset: int, chunk: bytes) -> None:
+        info = tap.info
+        s2d = direction is Direction.SRC_TO_DST
+        if s2d:
+            info.bytes_src_to_dst = offset + len(chunk)
+            if tap.d2s is not None:  # main channel: keep its tail for error reports
+                tap.tail = (tap.tail + chunk[-TAIL_BYTES:])[-TAIL_BYTES:]
+        else:
+            info.bytes_dst_to_src = offset + len(chunk)
+        for sink in self.sinks:
+            try:
+                sink.on_chunk(info, direction, offset, chunk)
+            except Exception as exc:  # noqa: BLE001 - a sink must never break the relay
+                self._sink_failed(sink, exc)
+        parser = tap.s2d if s2d else tap.d2s
+        if parser is not None:
+            self._parse(tap, direction, parser, chunk)
+
+    def _parse(
+        self, tap: ChannelTap, direction: Direction, parser: Parser, chunk: bytes | None
+    ) -> None:
+        try:
+            events: list[object] = list(
+                parser.feed(chunk) if chunk is not None else parser.feed_eof()
+            )
+        except StreamError as exc:
+            events = list(getattr(parser, "events_before_error", []))
+            self._deliver(tap, direction, events)
+            self._parser_failed(tap, direction, exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - a parser bug must not break the migration
+            self._parser_failed(tap, direction, exc)
+            return
+        if events:
+            self._deliver(tap, direction, events)
+
+    def _deliver(self, tap: ChannelTap, direction: Direction, events: list[object]) -> None:
+        info = tap.info
+        for sink in self.sinks:
+            try:
+                for event in events:
+                    sink.on_event(info, direction, event)
+            except Exception as exc:  # noqa: BLE001 - a sink must never break the relay
+                self._sink_failed(sink, exc)
+
+    def channel_closed(self, tap: ChannelTap, close_reason: str | None) -> None:
+        info = tap.info
+        info.ended_wall = time.time()
+        info.close_reason = close_reason
+        for direction, parser in ((Direction.SRC_TO_DST, tap.s2d), (Direction.DST_TO_SRC, tap.d2s)):
+            if parser is not None:
+                self._parse(tap, direction, parser, None)
+        if tap.d2s is not None or info.kind == "main":
+            self._report_early_close(tap)
+        self._each_sink("on_channel_closed", lambda s: s.on_channel_closed(info))
+
+    # -- periodic and end ---------------------------------------------------------------------
+    def tick(self) -> None:
+        try:
+            self.progress.tick()
+        except Exception as exc:  # noqa: BLE001
+            self._sink_failed(self.progress, exc)
+
+    def close(self) -> SessionSummary:
+        outcome = self.progress.outcome()
+        fields = self.progress.summary_fields(
+            outcome, str(self.capture_dir) if self.capture_dir is not None else None
+        )
+        summary = SessionSummary(
+            session_id=self.session_id,
+            outcome=outcome,
+            started_wall=self.started_wall,
+            ended_wall=time.time(),
+            channels=[t.info for t in self.channels],
+            fields=fields,
+        )
+        # Annotate first (it adds its counts to the summary), then the progress line, then the
+        # capture, which writes session.json with everything.
+        order = [
+            self.annotate,
+            self.progress,
+            *(s for s in self.sinks if s not in (self.annotate, self.progress)),
+        ]
+        for sink in order:
+            if sink in self.sinks:
+                try:
+                    sink.on_close(summary)
+                except Exception as exc:  # noqa: BLE001
+                    self._sink_failed(sink, exc)
+        return summary
+
+    # -- failures -----------------------------------------------------------------------------
+    def _parser_failed(self, tap: ChannelTap, direction: Direction, exc: Exception) -> None:
+        if direction is Direction.SRC_TO_DST:
+            tap.s2d = None
+        else:
+            tap.d2s = None
+        info = tap.info
+        if info.parse_error is None:
+            info.parse_error = f"{direction.value}: {exc}"
+        fields: dict[str, object] = {
+            "ch": info.index,
+            "kind": info.kind,
+            "direction": direction.value,
+            "error": str(exc),
+            "error_type": type(exc).__name__,
+            "action": "parser detached; bytes keep flowing, the capture is kept",
+        }
+        if isinstance(exc, StreamError):
+            fields.update(offset=exc.offset, state=exc.state)
+            section = self.progress.view.last_section
+            if section is not None and info.kind == "main" and direction is Direction.SRC_TO_DST:
+                fields["section"] = {
+                    "offset": section.offset,
+                    "kind": section.kind,
+                    "section_id": section.section_id,
+                    "idstr": section.idstr,
+                }
+            self.log.warning("parser_detached", **fields)
+        else:
+            self.log.error("parser_crashed", **fields, exc_info=exc)
+
+    def _report_early_close(self, tap: ChannelTap) -> None:
+        """The destination went away before EOF: say where in the stream that happened."""
+        info = tap.info
+        view = self.progress.view
+        if view.eof_at is not None or view.phase == "postcopy":
+            return
+        if info.close_reason not in ("destination_closed", "destination_reset"):
+            return
+        section = view.last_section
+        end = info.bytes_src_to_dst
+        self.log.warning(
+            "destination_closed_early",
+            ch=info.index,
+            close_reason=info.close_reason,
+            phase=view.phase,
+            section_in_flight=(
+                None
+                if section is None
+                else {
+                    "offset": section.offset,
+                    "kind": section.kind,
+                    "section_id": section.section_id,
+                    "idstr": section.idstr,
+                }
+            ),
+            bytes_forwarded=end,
+            last_bytes_offset=end - len(tap.tail),
+            last_bytes_hex=tap.tail.hex(" "),
+            shut_value=view.shut_value,
+            action="the destination QEMU failed to load: see its log for the reason",
+        )
+
+    def _sink_failed(self, sink: Sink, exc: Exception) -> None:
+        if sink in self.sinks:
+            self.sinks.remove(sink)
+            self.log.error(
+                "sink_detached",
+                sink=type(sink).__name__,
+                error=repr(exc),
+                action="the migration continues without it",
+                exc_info=exc,
+            )
+
+    def _each_sink(self, what: str, call: Callable[[Sink], None]) -> None:
+        for sink in list(self.sinks):
+            try:
+                call(sink)
+            except Exception as exc:  # noqa: BLE001
+                self._sink_failed(sink, exc)
+        del what
