@@ -24,7 +24,9 @@ appended if it exists), mode 0700; every file in it is 0600 whatever the umask:
 channel's src-to-dst file loses the bytes of every ``ram_pages`` event, ``[offset, offset +
 length)`` (page record headers with their payloads, since the events give runs, not pages); a
 multifd channel's src-to-dst file loses the payload of every RAM packet (``multifd_packet``
-events: ``payload_bytes`` after the ``320 + 8 * (512 KiB / page_size)``-byte header); the index
+events: ``payload_bytes`` after the ``320 + 8 * (512 KiB / page_size)``-byte header, so
+``page_size`` must be the parser's; each record must start where the last one ended, or the rest
+of the file is left out as ``multifd_framing_mismatch``); the index
 keeps every event, so page counts stay. Bytes the parser could not frame (``unparsed`` events,
 a detached parser) might be RAM, so they are left out too, as is the src-to-dst direction of any
 channel that is neither main nor multifd. The return path is kept. The resulting files are not
@@ -98,6 +100,8 @@ DIRECTIONS: Final = (SRC_TO_DST, DST_TO_SRC)
 _ENVELOPE: Final = frozenset({"v", "t", "ch", "dir", "kind"})
 _KIND_RE: Final = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 _SAFE_KIND_RE: Final = re.compile(r"[^a-z0-9_]")
+_EXTRA_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_RESERVED: Final = frozenset({"events.jsonl", "session.json"})
 _DIR_MODE: Final = 0o700
 _FILE_MODE: Final = 0o600
 
@@ -379,6 +383,7 @@ class _DirState:
     content: str = "exact"  # exact | ram_removed | omitted
     bytes_seen: int = 0
     cutter: _Cutter | None = None
+    next_record: int | None = None  # multifd: where the next record must start (self-check)
 
 
 @dataclasses.dataclass(slots=True)
@@ -441,6 +446,7 @@ class CaptureSink:
         self._dirs: dict[tuple[int, str], _DirState] = {}
         self._main_channel: int | None = None
         self._vmdesc_count = 0
+        self._extra_files: list[str] = []
         self._summary: dict[str, Any] = {}
         self._closed = False
         # shared with the writer thread, under _cond
@@ -585,6 +591,20 @@ class CaptureSink:
             error=self.error,
         )
 
+    # -- for other sinks ------------------------------------------------------------------------
+
+    def write_file(self, name: str, data: bytes) -> None:
+        """Write a whole extra file (say ``annotated.jsonl``) into the capture directory: 0600,
+        atomically, on the writer thread. ``name`` is a plain file name that none of the
+        capture's own files use; call before ``on_close``."""
+        if not _EXTRA_NAME_RE.fullmatch(name) or name in _RESERVED or name.endswith(".bin"):
+            raise ValueError(f"not a free file name in a capture directory: {name!r}")
+        if name.startswith("vmdesc") or self._closed:
+            raise ValueError(f"cannot write {name!r}: reserved, or the capture is closed")
+        if name not in self._extra_files:
+            self._extra_files.append(name)
+        self._enqueue(_Op(name, replace=bytes(data), cost=len(data)))
+
     # -- loop-side helpers -------------------------------------------------------------------------
 
     def _dir_state(self, channel: ChannelInfo, dir_name: str) -> _DirState:
@@ -630,18 +650,31 @@ class CaptureSink:
             case Unparsed(length=length) if length is not None:
                 cutter.cut(offset, offset + length)
                 cutter.advance(offset + length)
-            case MultifdInit():
-                cutter.advance(offset + MULTIFD_INIT_SIZE)
-            case MultifdPacket(payload_bytes=payload):
-                start = offset + self._multifd_hdr
-                cutter.cut(start, start + payload)
-                cutter.advance(start + payload)
-            case MultifdDeviceState(payload_bytes=payload):
-                cutter.advance(offset + MULTIFD_DEVICE_STATE_HDR_SIZE + payload)
+            case MultifdInit() | MultifdPacket() | MultifdDeviceState():
+                # Records are back to back: each must start where the last one ended, or the
+                # header length (from page_size) is wrong. Bytes are released only up to a
+                # record start, which confirms the record before it.
+                if offset != (state.next_record or 0):
+                    cutter.stop("multifd_framing_mismatch")
+                    return
+                cutter.advance(offset)
+                state.next_record = self._multifd_end(event, offset, cutter)
             case _:
                 cutter.advance(offset)
         for piece in cutter.release():
             self._enqueue_data(state, piece)
+
+    def _multifd_end(
+        self, event: MultifdInit | MultifdPacket | MultifdDeviceState, offset: int, cutter: _Cutter
+    ) -> int:
+        """Where the multifd record at ``offset`` ends; cuts a RAM packet's payload."""
+        if isinstance(event, MultifdInit):
+            return offset + MULTIFD_INIT_SIZE
+        if isinstance(event, MultifdDeviceState):
+            return offset + MULTIFD_DEVICE_STATE_HDR_SIZE + event.payload_bytes
+        start = offset + self._multifd_hdr
+        cutter.cut(start, start + event.payload_bytes)
+        return start + event.payload_bytes
 
     def _finish_cutter(self, index: int, dir_name: str) -> None:
         state = self._dirs.get((index, dir_name))
@@ -653,6 +686,9 @@ class CaptureSink:
             for piece in cutter.release():
                 self._enqueue_data(state, piece)
             cutter.stop("parser_detached")
+            return
+        if state.next_record is not None and state.next_record != cutter.total:
+            cutter.stop("multifd_framing_mismatch")
             return
         for piece in cutter.release(final=True):
             self._enqueue_data(state, piece)
@@ -757,6 +793,7 @@ class CaptureSink:
                 "vmdesc.json" if n == 1 else f"vmdesc-{n}.json"
                 for n in range(1, self._vmdesc_count + 1)
             ],
+            "extra_files": list(self._extra_files),
             "config": _jsonable(self.config),
         }
         return (json.dumps(doc, indent=2, sort_keys=False) + "\n").encode()
@@ -844,7 +881,7 @@ class CaptureSink:
         return fd
 
     def _replace(self, name: str, data: bytes) -> None:
-        tmp = f".{name}.tmp"
+        tmp = f".{name}.{threading.get_ident()}.tmp"  # the loop and the writer never share one
         fd = self._open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         try:
             self._write(fd, data)

@@ -37,6 +37,7 @@ from migtap.wire import return_path as rp
 from migtap.wire.constants import MigCmd, SectionType
 from migtap.wire.multifd import MultifdParser
 from migtap.wire.stream import StreamParser
+from tests.fixtures import fixture
 from tests.streams import sample_stream
 from tests.wire.mfd_streams import mfd_device_state, mfd_init, mfd_packet, mfd_sync, rp_shut
 
@@ -681,6 +682,7 @@ def test_capture_ram_none_main_and_multifd(tmp_path: Path, size: int) -> None:
     assert main_files["src-to-dst"]["bytes_removed"] == len(sample) - len(main_file)
     assert main_files["src-to-dst"]["bytes_written"] == len(main_file)
     assert main_files["src-to-dst"]["left_out_from"] is None
+    assert main_files["src-to-dst"]["late_cut_bytes"] == 0
     assert main_files["dst-to-src"]["content"] == "exact"
     assert doc["channels"][1]["files"]["src-to-dst"]["bytes_removed"] == 5 * 4096
     other_files = doc["channels"][2]["files"]["src-to-dst"]
@@ -738,3 +740,57 @@ def test_capture_ram_none_unparsed_rest(tmp_path: Path) -> None:
 def test_capture_ram_must_be_known(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="capture_ram"):
         make_sink(tmp_path, capture_ram="some")
+
+
+# -- extra files, real bytes -----------------------------------------------------------------------
+
+
+def test_write_file(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        sink, _, _ = make_sink(tmp_path)
+        sink.write_file("annotated.jsonl", b'{"a": 1}\n')
+        for bad in ("../x", "session.json", "events.jsonl", "src-to-dst.bin", ".hidden", "a/b"):
+            with pytest.raises(ValueError, match="capture"):
+                sink.write_file(bad, b"")
+        sink.on_close(summary([]))
+    finally:
+        os.umask(old)
+    path = sink.directory / "annotated.jsonl"
+    assert path.read_bytes() == b'{"a": 1}\n'
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    doc = json.loads((sink.directory / "session.json").read_text())
+    assert doc["extra_files"] == ["annotated.jsonl"]
+    with pytest.raises(ValueError, match="closed"):
+        sink.write_file("late.txt", b"")
+
+
+def test_capture_ram_none_real_multifd_header(tmp_path: Path) -> None:
+    """QEMU 7.2 channel 0: init, an empty SYNC packet, a SYNC packet with 128 pages whose
+    payload the fixture leaves out; we add a fake payload and expect exactly it to be cut."""
+    real = fixture("multifd-ch0.first-packets.bin").read_bytes()
+    data = real + b"\xaa" * (128 * 4096)
+    sink, _, _ = make_sink(tmp_path, capture_ram="none")
+    mf = channel(0, "multifd")
+    sink.on_channel(mf)
+    feed_multifd(sink, mf, data, 1000)
+    sink.on_channel_closed(mf)
+    sink.on_close(summary([mf]))
+    assert (sink.directory / "conn-0-multifd.src-to-dst.bin").read_bytes() == real
+    assert sink.complete
+
+
+def test_capture_ram_none_wrong_page_size_is_caught(tmp_path: Path) -> None:
+    """The sink's page_size disagrees with the stream's: it leaves the rest out, never leaks."""
+    data = multifd_stream()
+    sink, _, _ = make_sink(tmp_path, capture_ram="none", page_size=8192)
+    mf = channel(0, "multifd")
+    sink.on_channel(mf)
+    feed_multifd(sink, mf, data, 4096)
+    sink.on_channel_closed(mf)
+    sink.on_close(summary([mf]))
+    out = (sink.directory / "conn-0-multifd.src-to-dst.bin").read_bytes()
+    assert out == data[:64]  # only the confirmed init message
+    files = json.loads((sink.directory / "session.json").read_text())["channels"][0]["files"]
+    assert files["src-to-dst"]["left_out_reason"] == "multifd_framing_mismatch"
+    assert files["src-to-dst"]["left_out_from"] == 64
