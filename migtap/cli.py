@@ -77,6 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="bytes at which reading resumes (default 1 MiB)",
     )
+    listen.add_argument(
+        "--socket-buffer",
+        type=int,
+        default=None,
+        help="SO_SNDBUF/SO_RCVBUF bytes per socket (default 0: kernel autotuning)",
+    )
+    listen.add_argument(
+        "--read-size",
+        type=int,
+        default=None,
+        help="asyncio loop: bytes per read (default 1 MiB; 0: asyncio's 256 KiB)",
+    )
     tap = listen.add_argument_group("tap (parsing, capture, progress)")
     tap.add_argument(
         "--capture",
@@ -144,6 +156,8 @@ def listen_config(args: argparse.Namespace) -> Config:
         "connect_timeout_s",
         "write_buffer_high",
         "write_buffer_low",
+        "socket_buffer",
+        "read_size",
         "capture",
         "capture_ram",
         "vmdesc",

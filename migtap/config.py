@@ -71,6 +71,8 @@ class Config:
     connect_timeout_s: float = 10.0
     write_buffer_high: int = 4 * 1024 * 1024
     write_buffer_low: int = 1024 * 1024
+    socket_buffer: int = 0
+    read_size: int = 1024 * 1024
     capture: Path | None = None
     capture_ram: str = "full"
     vmdesc: Path | None = None
@@ -90,10 +92,13 @@ NUMBERS: dict[str, type] = {
     "connect_timeout_s": float,
     "write_buffer_high": int,
     "write_buffer_low": int,
+    "socket_buffer": int,
+    "read_size": int,
     "page_size": int,
     "progress_interval_s": float,
 }
 PATHS = ("capture", "vmdesc")
+ZERO_OK = ("socket_buffer", "read_size")  # 0 = keep the system's default
 KNOWN = {f.name for f in fields(Config)} - {"extra"}
 
 
@@ -148,7 +153,7 @@ def _check(key: str, value: object, file: str | None) -> object:
     if key in NUMBERS:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"must be a number, not {value!r}", key=key, file=file)
-        if value <= 0:
+        if value < 0 or (value == 0 and key not in ZERO_OK):
             raise ConfigError(f"must be positive, not {value!r}", key=key, file=file)
         if key == "page_size" and (not isinstance(value, int) or value & (value - 1)):
             raise ConfigError(f"must be a power of two, not {value!r}", key=key, file=file)

@@ -55,7 +55,13 @@ class RelayProc:
 
     def start(self) -> None:
         if self.kind.startswith("migtap"):
-            loop = self.kind.split("-", 1)[1]
+            # "migtap-LOOP" or "migtap-LOOP:option=value,option=value" (listen options)
+            name, _, opts = self.kind.partition(":")
+            loop = name.split("-", 1)[1]
+            extra = []
+            for opt in filter(None, opts.split(",")):
+                key, _, value = opt.partition("=")
+                extra += [f"--{key.replace('_', '-')}"] + ([value] if value else [])
             self.proc = subprocess.Popen(
                 [
                     sys.executable,
@@ -71,6 +77,7 @@ class RelayProc:
                     "json",
                     "--log-level",
                     "warning",
+                    *extra,
                 ],
                 stderr=subprocess.PIPE,
                 cwd=ROOT,

@@ -13,6 +13,7 @@ import contextlib
 import socket
 import struct
 import time
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol, cast
 
@@ -69,8 +70,19 @@ class Side(asyncio.Protocol):
         # uvloop's TCPTransport does not subclass asyncio.Transport but has the same API.
         self.transport = cast("asyncio.Transport", transport)
         self.peer_name = transport.get_extra_info("peername")
-        high, low = self.pipe.write_limits
+        high, low = self.pipe.tuning.write_limits
         self.transport.set_write_buffer_limits(high=high, low=low)
+        tuning = self.pipe.tuning
+        if tuning.socket_buffer:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, tuning.socket_buffer)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, tuning.socket_buffer)
+        if tuning.read_size and hasattr(transport, "max_size"):
+            # asyncio's selector transport reads at most ``max_size`` bytes per recv (256 KiB);
+            # uvloop has no such knob.
+            transport.max_size = tuning.read_size
         self.pipe.side_connected(self)
 
     def data_received(self, data: bytes) -> None:
@@ -122,6 +134,15 @@ class Side(asyncio.Protocol):
             t.resume_reading()
 
 
+@dataclass(frozen=True, slots=True)
+class Tuning:
+    """Socket settings, measured by scripts/bench_relay.py (docs/performance.md)."""
+
+    write_limits: tuple[int, int] = (4 * 1024 * 1024, 1024 * 1024)
+    socket_buffer: int = 0  # SO_SNDBUF/SO_RCVBUF; 0 keeps the kernel's autotuning
+    read_size: int = 1024 * 1024  # asyncio only: bytes per read; 0 keeps asyncio's 256 KiB
+
+
 class Pipe:
     """The source connection and its upstream connection to the destination."""
 
@@ -129,12 +150,12 @@ class Pipe:
         self,
         pipe_id: int,
         *,
-        write_limits: tuple[int, int],
+        tuning: Tuning,
         observer: PipeObserver | None = None,
         on_closed: Callable[[Pipe], None] | None = None,
     ) -> None:
         self.pipe_id = pipe_id
-        self.write_limits = write_limits
+        self.tuning = tuning
         self.observer = observer
         self._on_closed = on_closed
         self.pending: list[bytes] = []  # source bytes read before the destination connected

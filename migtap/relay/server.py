@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Self
 import structlog
 
 from migtap.errors import RelayError
-from migtap.relay.pipe import Direction, Pipe
+from migtap.relay.pipe import Direction, Pipe, Tuning
 from migtap.relay.session import Session, SessionRegistry, host_of
 from migtap.tap import SessionTap, TapSettings
 
@@ -30,6 +30,11 @@ class Relay:
     def __init__(self, config: Config, *, tap: TapSettings | None = None) -> None:
         self.config = config
         self.tap_settings = tap
+        self.tuning = Tuning(
+            write_limits=(config.write_buffer_high, config.write_buffer_low),
+            socket_buffer=config.socket_buffer,
+            read_size=config.read_size,
+        )
         self.registry = SessionRegistry(
             on_session_end=self._session_ended,
             tap_factory=self._make_tap if tap is not None else None,
@@ -144,7 +149,7 @@ class Relay:
         self._next_pipe += 1
         pipe = Pipe(
             pipe_id,
-            write_limits=(self.config.write_buffer_high, self.config.write_buffer_low),
+            tuning=self.tuning,
             observer=self.registry,
             on_closed=self._pipe_closed,
         )
