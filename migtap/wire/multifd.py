@@ -65,6 +65,7 @@ MIN_PAGE_SIZE: Final = 512  # keeps the header buffer (320 + 8 * page_count) und
 
 _INIT = struct.Struct(">II16sB")
 _RAM = struct.Struct(">IIIIIIQI")  # magic version flags alloc normal next packet_num zero
+_BE64 = struct.Struct(">Q")
 _DEVICE_STATE_TAIL = struct.Struct(">II")  # instance_id, next_packet_size (at 268)
 
 
@@ -88,6 +89,8 @@ class MultifdPacket:
     ramblock: str  # may be stale (previous block) before 9.2
     payload_bytes: int  # bytes that follow the header (skipped)
     sync: bool  # MULTIFD_FLAG_SYNC: the sender's sync point (paired with EOS or MULTIFD_FLUSH)
+    first_page: int | None = None  # offset in ramblock of the first normal page
+    last_page: int | None = None  # offset in ramblock of the last normal page
 
     @property
     def compression(self) -> int:
@@ -342,9 +345,25 @@ class MultifdParser:
         stats.sync_packets += sync
         stats.normal_pages += normal
         stats.zero_pages += zero
+        # First and last normal page offsets: enough to spot a page sent twice in a row.
+        first_page = last_page = None
+        if normal:
+            first_page = _BE64.unpack_from(self._buf, MULTIFD_RAM_HDR_FIXED)[0]
+            last_page = _BE64.unpack_from(self._buf, MULTIFD_RAM_HDR_FIXED + 8 * (normal - 1))[0]
         events.append(
             MultifdPacket(
-                at, flags, packet_num, alloc, normal, zero, next_size, ramblock, payload, sync
+                at,
+                flags,
+                packet_num,
+                alloc,
+                normal,
+                zero,
+                next_size,
+                ramblock,
+                payload,
+                sync,
+                first_page,
+                last_page,
             )
         )
         self._start_payload(payload)

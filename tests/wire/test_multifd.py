@@ -368,3 +368,15 @@ def test_events_are_frozen_and_slotted() -> None:
     with pytest.raises(AttributeError):
         event.offset = 1  # type: ignore[misc]
     assert not hasattr(event, "__dict__")
+
+
+def test_packet_reports_first_and_last_normal_page() -> None:
+    parser = MultifdParser()
+    data = mfd_init() + mfd_packet(
+        normal=3, zero=2, offsets=[0x5000, 0x9000, 0x2000, 0x1000, 0x7000]
+    )
+    data += mfd_packet(normal=0, zero=1, offsets=[0x3000])
+    events = parser.feed(data)
+    packets = [e for e in events if isinstance(e, MultifdPacket)]
+    assert (packets[0].first_page, packets[0].last_page) == (0x5000, 0x2000)
+    assert (packets[1].first_page, packets[1].last_page) == (None, None)
