@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Literal
 import structlog
 
 from migtap.annotate.live import AnnotateSink
-from migtap.errors import StreamError
+from migtap.errors import StreamError, TruncatedStream
 from migtap.relay.pipe import Direction
 from migtap.sinks import ChannelInfo, SessionSummary, Sink, Throttle
 from migtap.sinks.progress import ProgressSink
@@ -95,6 +95,7 @@ class SessionTap:
                     throttle=throttle,
                     call_soon_threadsafe=call_soon_threadsafe,
                     config=settings.config,
+                    page_size=settings.page_size,
                 )
             except Exception as exc:  # noqa: BLE001 - the tap never breaks a migration
                 self.log.warning(
@@ -105,7 +106,7 @@ class SessionTap:
             else:
                 self.capture = capture
                 self.capture_dir = capture.directory
-                write_file = getattr(capture, "write_file", None)
+                write_file = capture.write_file
         self.annotate = AnnotateSink(session_id, fallback=settings.vmdesc, write_file=write_file)
         # Order matters at the end: progress logs the summary, annotate writes its file through
         # the capture, then the capture closes.
@@ -156,6 +157,14 @@ class SessionTap:
             events: list[object] = list(
                 parser.feed(chunk) if chunk is not None else parser.feed_eof()
             )
+        except TruncatedStream as exc:
+            events = list(getattr(parser, "events_before_error", []))
+            self._deliver(tap, direction, events)
+            if chunk is None:  # the connection ended inside a record: say where, once
+                self._stream_cut(tap, direction, exc)
+            else:
+                self._parser_failed(tap, direction, exc)
+            return
         except StreamError as exc:
             events = list(getattr(parser, "events_before_error", []))
             self._deliver(tap, direction, events)
@@ -176,10 +185,13 @@ class SessionTap:
             except Exception as exc:  # noqa: BLE001 - a sink must never break the relay
                 self._sink_failed(sink, exc)
 
-    def channel_closed(self, tap: ChannelTap, close_reason: str | None) -> None:
+    def channel_closed(
+        self, tap: ChannelTap, close_reason: str | None, first_closed: str | None = None
+    ) -> None:
         info = tap.info
         info.ended_wall = time.time()
         info.close_reason = close_reason
+        info.first_closed = first_closed
         for direction, parser in ((Direction.SRC_TO_DST, tap.s2d), (Direction.DST_TO_SRC, tap.d2s)):
             if parser is not None:
                 self._parse(tap, direction, parser, None)
@@ -253,14 +265,25 @@ class SessionTap:
         else:
             self.log.error("parser_crashed", **fields, exc_info=exc)
 
+    def _stream_cut(self, tap: ChannelTap, direction: Direction, exc: StreamError) -> None:
+        section = self.progress.view.last_section
+        self.log.info(
+            "stream_cut",
+            ch=tap.info.index,
+            kind=tap.info.kind,
+            direction=direction.value,
+            offset=exc.offset,
+            state=exc.state,
+            section=None if section is None or direction is Direction.DST_TO_SRC else section.idstr,
+            close_reason=tap.info.close_reason,
+        )
+
     def _report_early_close(self, tap: ChannelTap) -> None:
         """The destination went away before EOF: say where in the stream that happened."""
         info = tap.info
         view = self.progress.view
-        if view.eof_at is not None or view.phase == "postcopy":
-            return
-        if info.close_reason not in ("destination_closed", "destination_reset"):
-            return
+        if info.first_closed != "destination" or view.shut_value == 0:
+            return  # the source finished first, or the destination said it loaded fine
         section = view.last_section
         end = info.bytes_src_to_dst
         self.log.warning(

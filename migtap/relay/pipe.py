@@ -167,6 +167,7 @@ class Pipe:
         self.started_wall = time.time()
         self.ended: float | None = None
         self.close_reason: str | None = None
+        self.first_closed: str | None = None  # "source" or "destination": who ended first
         self.error: str | None = None
         self.log = log.bind(pipe=pipe_id)
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -215,7 +216,12 @@ class Pipe:
             reset(t)  # RST: the source's migration fails now instead of waiting
         self._maybe_finish()
 
+    def _note_first(self, side: Side) -> None:
+        if self.first_closed is None:
+            self.first_closed = "destination" if side.upstream else "source"
+
     def side_eof(self, side: Side) -> None:
+        self._note_first(side)
         peer = side.peer.transport
         if peer is not None and not side.peer.lost and peer.can_write_eof():
             try:
@@ -228,6 +234,7 @@ class Pipe:
             self._close_both(abort=False)
 
     def side_lost(self, side: Side, exc: Exception | None) -> None:
+        self._note_first(side)
         other = side.peer
         if exc is not None and self.error is None:
             self.error = f"{'destination' if side.upstream else 'source'}: {exc!r}"

@@ -30,6 +30,7 @@ class ChannelInfo:
     bytes_src_to_dst: int = 0
     bytes_dst_to_src: int = 0
     close_reason: str | None = None  # "eof_both", "source_reset", ...
+    first_closed: str | None = None  # "source" or "destination": whose EOF/close came first
     parse_error: str | None = None  # set when the parser of this channel was detached
 
 

@@ -213,23 +213,26 @@ class ProgressSink:
 
     # -- summary -----------------------------------------------------------------------------
     def outcome(self) -> str:  # noqa: PLR0911 - one return per rule reads best
-        """completed / failed / cancelled / unknown, from what the wire and the sockets showed."""
+        """completed / failed / cancelled / unknown, from what the wire and the sockets showed.
+
+        The destination's SHUT on the return path is the best witness (0 = loaded). Without a
+        return path, a destination that closes before the source has finished failed to load.
+        """
         main = next((c for c in self.channels if c.kind == "main"), None)
         if main is None:
             return "unknown"
         v = self.view
-        reasons = {c.close_reason for c in self.channels}
-        if v.shut_value not in (None, 0):
-            return "failed"
+        if v.shut_value is not None:
+            return "completed" if v.shut_value == 0 and v.eof_at is not None else "failed"
         if v.eof_at is not None:
-            if "source_reset" in reasons or (
-                v.vmdesc is False and main.close_reason == "destination_reset"
-            ):
+            if main.first_closed == "destination" or main.close_reason == "source_reset":
                 return "failed"
             return "completed"
+        if main.first_closed == "destination":
+            return "failed"
         if main.parse_error is not None:
             return "unknown"
-        if main.close_reason in ("source_closed", "eof_both") and v.phase != "postcopy":
+        if main.first_closed == "source" and main.close_reason in ("source_closed", "eof_both"):
             # The source closed cleanly before EOF: migrate_cancel (or a source that gave up).
             return "cancelled"
         return "failed"

@@ -61,7 +61,9 @@ def assert_pages_match(
     if not multifd:
         assert m["ram_normal_pages_resent"] == 0
     assert m["ram_zero_pages"] == info["ram"]["duplicate"]
-    assert not [e for e in logs if e["event"] in ("parser_detached", "parser_crashed", "sink_detached")]
+    assert not [
+        e for e in logs if e["event"] in ("parser_detached", "parser_crashed", "sink_detached")
+    ]
     return m
 
 

@@ -71,6 +71,7 @@ def precopy(sink: ProgressSink, clock: Clock, ch: ChannelInfo) -> None:
 
 def close(sink: ProgressSink, ch: ChannelInfo, reason: str) -> dict[str, object]:
     ch.close_reason = reason
+    ch.first_closed = "destination" if reason.startswith("destination") else "source"
     return sink.summary_fields(sink.outcome(), None)
 
 
@@ -105,6 +106,18 @@ def test_shut_extends_downtime_and_nonzero_shut_fails() -> None:
     fields = close(sink, ch, "eof_both")
     assert fields["wire_downtime_ms"] == 150.0
     assert fields["outcome"] == "failed"
+
+
+def test_destination_closing_first_after_eof_without_return_path_failed() -> None:
+    """The source can write everything, EOF included, into buffers of a dead destination."""
+    clock = Clock()
+    sink = ProgressSink(1, clock=clock)
+    ch = channel()
+    sink.on_channel(ch)
+    precopy(sink, clock, ch)
+    assert close(sink, ch, "destination_closed")["outcome"] == "failed"
+    ch.first_closed = "source"
+    assert sink.outcome() == "completed"
 
 
 @pytest.mark.parametrize(

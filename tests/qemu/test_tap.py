@@ -1,0 +1,199 @@
+"""The tap during real QEMU 7.2 migrations: capture, annotated log, summary, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import stat
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from migtap.annotate.vmsd import VmDescription
+from migtap.tap import TapSettings
+from tests.qemu.harness import Pair, Vm, vm_pair, wait_migration
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+ONE_LOOP = pytest.mark.asyncio(loop_factories=["asyncio"])
+
+
+async def tap_migration(
+    pair: Pair,
+    make_relay: Any,
+    settings: TapSettings,
+    *,
+    caps: dict[str, bool] | None = None,
+    params: dict[str, Any] | None = None,
+    postcopy: bool = False,
+    expect: str = "completed",
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    await pair.configure(caps or {}, params or {})
+    with capture_logs() as logs:
+        async with make_relay(pair.dst_port, tap=settings) as relay:
+            result = await pair.migrate(f"tcp:127.0.0.1:{relay.port}", postcopy=postcopy)
+            assert result.source["status"] == expect, result.source
+            async with asyncio.timeout(15):
+                while not relay.sessions_ended:
+                    await asyncio.sleep(0.02)
+    return result.source, logs
+
+
+def only(logs: list[dict[str, Any]], event: str) -> dict[str, Any]:
+    found = [e for e in logs if e["event"] == event]
+    assert len(found) == 1, (event, found)
+    return found[0]
+
+
+def capture_dir(root: Path) -> Path:
+    (d,) = root.iterdir()
+    return d
+
+
+def assert_private(directory: Path) -> None:
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    files = list(directory.iterdir())
+    assert files
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+
+
+@ONE_LOOP
+async def test_capture_replays_into_a_fresh_destination(tmp_path: Path, make_relay: Any) -> None:
+    root = tmp_path / "captures"
+    async with vm_pair(tmp_path, mem_mib=128, random_mib=32) as pair:
+        info, logs = await tap_migration(pair, make_relay, TapSettings(capture_dir=root))
+        await pair.assert_ram_identical()
+        source_ram = await pair.src.ram_sha256()
+        d = capture_dir(root)
+        # QEMU itself loads the captured main channel.
+        replay = Vm(
+            "replay",
+            tmp_path,
+            mem_mib=128,
+            extra=["-incoming", f"exec:cat {d / 'src-to-dst.bin'}", "-S"],
+        )
+        try:
+            await replay.start()
+            replay.incoming = True
+            loaded = await wait_migration(replay, timeout_s=60, statuses={"completed", "failed"})
+            assert loaded["status"] == "completed", loaded
+            assert await replay.ram_sha256() == source_ram
+        finally:
+            await replay.stop()
+    assert_private(d)
+    session = json.loads((d / "session.json").read_text())
+    assert session["complete"] is True
+    assert session["outcome"] == "completed"
+    summary = only(logs, "migration_summary")
+    assert summary["capture_dir"] == str(d)
+    assert summary["ram_normal_pages"] == info["ram"]["normal"]
+    # The annotated log names every device the vmdesc lists, each decoded.
+    desc = VmDescription.from_json((d / "vmdesc.json").read_bytes())
+    records = [json.loads(line) for line in (d / "annotated.jsonl").read_text().splitlines()]
+    assert {(r["idstr"], r["instance_id"]) for r in records} == {
+        (dev.name, dev.instance_id) for dev in desc.devices
+    }
+    assert all(r["decoded"] for r in records)
+    assert len([e for e in logs if e["event"] == "device_state"]) == len(records)
+    index = [json.loads(line) for line in (d / "events.jsonl").read_text().splitlines()]
+    assert all(e["v"] == 1 for e in index)
+    assert {"stream_header", "configuration", "end_of_state", "vm_description"} <= {
+        e["kind"] for e in index
+    }
+
+
+@ONE_LOOP
+async def test_capture_ram_none_is_small_and_indexed(tmp_path: Path, make_relay: Any) -> None:
+    root = tmp_path / "captures"
+    async with vm_pair(tmp_path, mem_mib=128, random_mib=32) as pair:
+        info, logs = await tap_migration(
+            pair, make_relay, TapSettings(capture_dir=root, capture_ram="none")
+        )
+    d = capture_dir(root)
+    assert_private(d)
+    total = sum(f.stat().st_size for f in d.iterdir())
+    sent = only(logs, "migration_summary")["bytes_src_to_dst"]
+    assert sent > 32 * 1024 * 1024
+    assert total < sent / 50  # page contents left out
+    session = json.loads((d / "session.json").read_text())
+    assert session["capture_ram"] == "none"
+    assert session["complete"] is True
+    index = [json.loads(line) for line in (d / "events.jsonl").read_text().splitlines()]
+    normal = sum(e.get("normal", 0) for e in index if e["kind"] == "ram_pages")
+    assert normal == info["ram"]["normal"]  # the index still counts every page
+    assert (d / "annotated.jsonl").exists()
+
+
+@ONE_LOOP
+async def test_multifd_capture_lists_every_channel(tmp_path: Path, make_relay: Any) -> None:
+    root = tmp_path / "captures"
+    async with vm_pair(tmp_path, random_mib=16) as pair:
+        await tap_migration(
+            pair,
+            make_relay,
+            TapSettings(capture_dir=root),
+            caps={"multifd": True},
+            params={"multifd_channels": 4},
+        )
+        await pair.assert_ram_identical()
+    session = json.loads((capture_dir(root) / "session.json").read_text())
+    kinds = sorted((c["kind"], c["multifd_id"]) for c in session["channels"])
+    assert kinds == [("main", None), ("multifd", 0), ("multifd", 1), ("multifd", 2), ("multifd", 3)]
+    assert session["complete"] is True
+
+
+@ONE_LOOP
+async def test_postcopy_annotates_with_a_vmdesc_from_an_earlier_capture(
+    tmp_path: Path, make_relay: Any
+) -> None:
+    from tests.fixtures import fixture
+
+    vmdesc = fixture("vmdesc-pc-i440fx-7.2.json")
+    root = tmp_path / "captures"
+    settings = TapSettings(capture_dir=root, vmdesc=VmDescription.from_json(vmdesc.read_bytes()))
+    async with vm_pair(tmp_path, mem_mib=128, random_mib=32) as pair:
+        _, logs = await tap_migration(
+            pair,
+            make_relay,
+            settings,
+            caps={"postcopy-ram": True},
+            params={"max_bandwidth": 32 * 1024 * 1024},
+            postcopy=True,
+        )
+        await pair.assert_ram_identical()
+    summary = only(logs, "migration_summary")
+    assert summary["vmdesc"] is False  # postcopy sends none
+    assert summary["outcome"] == "completed"
+    assert summary["devices_decoded"] > 10
+    assert summary["devices_failed"] == 0
+    annotated = only(logs, "device_state_annotated")
+    assert annotated["vmdesc"] == "--vmdesc"
+
+
+@ONE_LOOP
+async def test_destination_that_fails_to_load_is_located(tmp_path: Path, make_relay: Any) -> None:
+    """A destination with less RAM rejects the RAM block list: migtap names that section."""
+    async with vm_pair(tmp_path, mem_mib=64, random_mib=32) as pair:
+        pair.dst.mem_mib = 32
+        await pair.dst.stop()
+        pair.dst.proc = None
+        pair.dst.qmp = None
+        await pair.dst.start()
+        await pair.configure({}, {})
+        with capture_logs() as logs:
+            async with make_relay(pair.dst_port) as relay:
+                await pair.src.cmd("migrate", uri=f"tcp:127.0.0.1:{relay.port}")
+                # The source may even say "completed": everything fit in socket buffers.
+                await wait_migration(pair.src, timeout_s=30)
+                async with asyncio.timeout(15):
+                    while not relay.sessions_ended:
+                        await asyncio.sleep(0.02)
+    early = only(logs, "destination_closed_early")
+    # The destination rejected the RAM START; by the time it closed, the source had moved on
+    # to later RAM sections (the kernel buffers in between), still in "ram".
+    assert early["section_in_flight"]["idstr"] == "ram"
+    assert early["last_bytes_hex"]
+    assert only(logs, "migration_summary")["outcome"] == "failed"
