@@ -39,6 +39,7 @@ async def demo(args: argparse.Namespace) -> int:
         caps = {"multifd": True} if args.multifd else {}
         params = {"multifd_channels": args.multifd} if args.multifd else {}
         await pair.configure(caps, params)
+        captures = workdir / "captures"
         cmd = [
             sys.executable,
             "-m",
@@ -47,6 +48,8 @@ async def demo(args: argparse.Namespace) -> int:
             f"127.0.0.1:{args.port}",
             "--forward",
             f"127.0.0.1:{pair.dst_port}",
+            "--capture",
+            str(captures),
             "--log-format",
             "console",
         ]
@@ -81,7 +84,43 @@ async def demo(args: argparse.Namespace) -> int:
             tap.send_signal(signal.SIGINT)
             await asyncio.to_thread(tap.wait, 30)
             reader.join(5)
+    show_capture(captures)
     return 0
+
+
+def show_capture(captures: Path) -> None:
+    """What a user looks at next: the capture directory, its annotated log, an offline parse."""
+    dirs = sorted(captures.iterdir()) if captures.is_dir() else []
+    if not dirs:
+        print("demo: no capture directory was written", file=sys.stderr)
+        return
+    capture = dirs[-1]
+    print(f"\ndemo: capture {capture}", file=sys.stderr)
+    for f in sorted(capture.iterdir()):
+        print(f"  {f.stat().st_mode & 0o777:o} {f.stat().st_size:>12,} {f.name}", file=sys.stderr)
+    annotated = capture / "annotated.jsonl"
+    if annotated.exists():
+        lines = annotated.read_text().splitlines()
+        print(
+            f"\ndemo: annotated.jsonl, {len(lines)} device sections; the first three:",
+            file=sys.stderr,
+        )
+        for line in lines[:3]:
+            print("  " + (line if len(line) < 300 else line[:297] + "..."), file=sys.stderr)
+    print(f"\ndemo: $ migtap analyze {capture / 'src-to-dst.bin'}", file=sys.stderr)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "migtap",
+            "analyze",
+            str(capture / "src-to-dst.bin"),
+            "--dump",
+            "ram",
+        ],
+        cwd=ROOT,
+        check=False,
+    )
 
 
 def main() -> int:

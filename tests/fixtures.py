@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# The read-only reference material lives beside the checkout (../shared); MIGTAP_SHARED overrides.
-SHARED = Path(
-    os.environ.get("MIGTAP_SHARED") or Path(__file__).resolve().parents[1].parent / "shared"
-)
+# The read-only reference material lives beside the checkout (../shared); MIGTAP_SHARED overrides,
+# and a clone elsewhere (CI's clean clone) falls back to the workspace's /work/shared.
+_CANDIDATES = [
+    *([Path(os.environ["MIGTAP_SHARED"])] if os.environ.get("MIGTAP_SHARED") else []),
+    Path(__file__).resolve().parents[1].parent / "shared",
+    Path("/work/shared"),
+]
+SHARED = next((p for p in _CANDIDATES if p.is_dir()), _CANDIDATES[0])
 _ROOTS = (SHARED, SHARED / "reference", SHARED / "reference" / "fixtures-qemu-7.2")
 
 
