@@ -186,12 +186,17 @@ class SessionTap:
                 self._sink_failed(sink, exc)
 
     def channel_closed(
-        self, tap: ChannelTap, close_reason: str | None, first_closed: str | None = None
+        self,
+        tap: ChannelTap,
+        close_reason: str | None,
+        first_closed: str | None = None,
+        reset_by: str | None = None,
     ) -> None:
         info = tap.info
         info.ended_wall = time.time()
         info.close_reason = close_reason
         info.first_closed = first_closed
+        info.reset_by = reset_by
         for direction, parser in ((Direction.SRC_TO_DST, tap.s2d), (Direction.DST_TO_SRC, tap.d2s)):
             if parser is not None:
                 self._parse(tap, direction, parser, None)
@@ -284,6 +289,8 @@ class SessionTap:
         view = self.progress.view
         if info.first_closed != "destination" or view.shut_value == 0:
             return  # the source finished first, or the destination said it loaded fine
+        if view.eof_at is not None and info.reset_by != "destination":
+            return  # it read the whole stream and closed cleanly
         section = view.last_section
         end = info.bytes_src_to_dst
         self.log.warning(

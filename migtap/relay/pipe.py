@@ -168,6 +168,7 @@ class Pipe:
         self.ended: float | None = None
         self.close_reason: str | None = None
         self.first_closed: str | None = None  # "source" or "destination": who ended first
+        self.reset_by: str | None = None  # "source" or "destination": who reset the connection
         self.error: str | None = None
         self.log = log.bind(pipe=pipe_id)
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -235,6 +236,8 @@ class Pipe:
 
     def side_lost(self, side: Side, exc: Exception | None) -> None:
         self._note_first(side)
+        if exc is not None and self.reset_by is None:
+            self.reset_by = "destination" if side.upstream else "source"
         other = side.peer
         if exc is not None and self.error is None:
             self.error = f"{'destination' if side.upstream else 'source'}: {exc!r}"

@@ -146,7 +146,9 @@ class SessionRegistry:
             self._assign(channel, classify(channel.prefix) or ChannelKind.UNKNOWN)
         session = self._session_of.pop(pipe.pipe_id)
         if session.tap is not None and channel.tap is not None:
-            session.tap.channel_closed(channel.tap, pipe.close_reason, pipe.first_closed)
+            session.tap.channel_closed(
+                channel.tap, pipe.close_reason, pipe.first_closed, pipe.reset_by
+            )
         if all(c.pipe.ended is not None for c in session.channels) and session.ended is None:
             session.ended = time.monotonic()
             del self.sessions[session.session_id]

@@ -31,6 +31,7 @@ class ChannelInfo:
     bytes_dst_to_src: int = 0
     close_reason: str | None = None  # "eof_both", "source_reset", ...
     first_closed: str | None = None  # "source" or "destination": whose EOF/close came first
+    reset_by: str | None = None  # "source" or "destination" if that side reset the connection
     parse_error: str | None = None  # set when the parser of this channel was detached
 
 

@@ -216,7 +216,9 @@ class ProgressSink:
         """completed / failed / cancelled / unknown, from what the wire and the sockets showed.
 
         The destination's SHUT on the return path is the best witness (0 = loaded). Without a
-        return path, a destination that closes before the source has finished failed to load.
+        return path: a destination that closes before EOF failed; after EOF, one that resets the
+        connection (it closed with bytes unread: QEMU exits when a load fails) failed, and one
+        that closes cleanly, even before the source does, had read everything.
         """
         main = next((c for c in self.channels if c.kind == "main"), None)
         if main is None:
@@ -225,9 +227,7 @@ class ProgressSink:
         if v.shut_value is not None:
             return "completed" if v.shut_value == 0 and v.eof_at is not None else "failed"
         if v.eof_at is not None:
-            if main.first_closed == "destination" or main.close_reason == "source_reset":
-                return "failed"
-            return "completed"
+            return "failed" if main.reset_by is not None else "completed"
         if main.first_closed == "destination":
             return "failed"
         if main.parse_error is not None:

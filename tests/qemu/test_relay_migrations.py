@@ -84,12 +84,23 @@ async def test_idle_guest(tmp_path: Path, make_relay: Any) -> None:
 @ONE_LOOP
 async def test_random_ram_64mib(tmp_path: Path, make_relay: Any) -> None:
     async with vm_pair(tmp_path, mem_mib=128, random_mib=64) as pair:
-        info, logs = await migrate_through_relay(pair, make_relay)
+        # About 1.5 s at 48 MiB/s: long enough for several progress lines (every 0.2 s here).
+        info, logs = await migrate_through_relay(
+            pair, make_relay, params={"max_bandwidth": 48 * 1024 * 1024}
+        )
     assert info["ram"]["normal"] >= 64 * 256  # every random page travelled as a normal page
     assert summary(logs)["bytes_src_to_dst"] > 64 * 1024 * 1024
     m = assert_pages_match(info, logs)
     assert m["rounds"] >= 1
-    assert any(e["event"] == "migration_progress" for e in logs)
+    progress = [e for e in logs if e["event"] == "migration_progress"]
+    assert len(progress) >= 3
+    bulk = [e["bulk_covered_pct"] for e in progress if "bulk_covered_pct" in e]
+    assert bulk
+    assert bulk == sorted(bulk)  # coverage only grows
+    assert all(0 < p <= 100 for p in bulk)
+    phases = [e["phase"] for e in logs if e["event"] == "migration_phase"]
+    assert phases[:2] == ["setup", "bulk round"]
+    assert "stop-and-copy" in phases
 
 
 async def test_multifd_4_channels(tmp_path: Path, make_relay: Any) -> None:

@@ -108,16 +108,19 @@ def test_shut_extends_downtime_and_nonzero_shut_fails() -> None:
     assert fields["outcome"] == "failed"
 
 
-def test_destination_closing_first_after_eof_without_return_path_failed() -> None:
-    """The source can write everything, EOF included, into buffers of a dead destination."""
+def test_destination_resetting_after_eof_without_return_path_failed() -> None:
+    """The source can write everything, EOF included, into buffers of a dead destination: its
+    kernel then resets the connection. A destination that read it all closes cleanly, maybe
+    even before the source does."""
     clock = Clock()
     sink = ProgressSink(1, clock=clock)
     ch = channel()
     sink.on_channel(ch)
     precopy(sink, clock, ch)
-    assert close(sink, ch, "destination_closed")["outcome"] == "failed"
-    ch.first_closed = "source"
-    assert sink.outcome() == "completed"
+    ch.reset_by = "destination"
+    assert close(sink, ch, "destination_reset")["outcome"] == "failed"
+    ch.reset_by = None
+    assert close(sink, ch, "destination_closed")["outcome"] == "completed"
 
 
 @pytest.mark.parametrize(
