@@ -78,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="bytes at which reading resumes (default 1 MiB)",
     )
     listen.add_argument(
+        "--allow",
+        action="append",
+        metavar="CIDR",
+        default=None,
+        help="accept sources only from this network (repeatable; default: any)",
+    )
+    listen.add_argument(
         "--socket-buffer",
         type=int,
         default=None,
@@ -158,6 +165,7 @@ def listen_config(args: argparse.Namespace) -> Config:
         "write_buffer_low",
         "socket_buffer",
         "read_size",
+        "allow",
         "capture",
         "capture_ram",
         "vmdesc",

@@ -78,6 +78,7 @@ class Config:
     vmdesc: Path | None = None
     page_size: int = 4096
     progress_interval_s: float = 1.0
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -144,6 +145,8 @@ def _check(key: str, value: object, file: str | None) -> object:
         return parse_address(value, key=key, file=file)
     if key in PATHS:
         return _check_path(key, value, file)
+    if key == "allow":
+        return _check_networks(key, value, file)
     if key in CHOICES:
         if value not in CHOICES[key]:
             raise ConfigError(
@@ -151,14 +154,19 @@ def _check(key: str, value: object, file: str | None) -> object:
             )
         return value
     if key in NUMBERS:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"must be a number, not {value!r}", key=key, file=file)
-        if value < 0 or (value == 0 and key not in ZERO_OK):
-            raise ConfigError(f"must be positive, not {value!r}", key=key, file=file)
-        if key == "page_size" and (not isinstance(value, int) or value & (value - 1)):
-            raise ConfigError(f"must be a power of two, not {value!r}", key=key, file=file)
-        return NUMBERS[key](value)
+        return _check_number(key, value, file)
     return value
+
+
+def _check_number(key: str, value: object, file: str | None) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"must be a number, not {value!r}", key=key, file=file)
+    if value < 0 or (value == 0 and key not in ZERO_OK):
+        raise ConfigError(f"must be positive, not {value!r}", key=key, file=file)
+    if key == "page_size" and (not isinstance(value, int) or value & (value - 1)):
+        raise ConfigError(f"must be a power of two, not {value!r}", key=key, file=file)
+    result: int | float = NUMBERS[key](value)
+    return result
 
 
 def _check_path(key: str, value: object, file: str | None) -> Path:
@@ -168,3 +176,18 @@ def _check_path(key: str, value: object, file: str | None) -> Path:
     if key == "vmdesc" and not path.is_file():
         raise ConfigError(f"{path} is not a readable file", key=key, file=file)
     return path
+
+
+def _check_networks(
+    key: str, value: object, file: str | None
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not items:
+        raise ConfigError("must be a CIDR or a list of CIDRs", key=key, file=file)
+    nets = []
+    for item in items:
+        try:
+            nets.append(ipaddress.ip_network(str(item), strict=False))
+        except ValueError as exc:
+            raise ConfigError(f"{item!r} is not a network (CIDR)", key=key, file=file) from exc
+    return tuple(nets)

@@ -79,7 +79,7 @@ class RelayProc:
                     "warning",
                     *extra,
                 ],
-                stderr=subprocess.PIPE,
+                stderr=(self.workdir / f"{self.kind.replace(':', '_')}.log").open("ab"),
                 cwd=ROOT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
@@ -145,6 +145,10 @@ async def one_migration(
     mem = args.random_mib + 256
     async with vm_pair(workdir, mem_mib=mem, random_mib=args.random_mib) as pair:
         await pair.configure({}, {"max_bandwidth": 64 * GiB})
+        if args.guest == "paused":
+            # A stopped guest dirties nothing: one pass over RAM, so run-to-run noise comes
+            # from the transport, not from how many rounds the guest caused.
+            await pair.src.cmd("stop")
         relay: RelayProc | None = None
         try:
             if path == "direct":
@@ -221,6 +225,12 @@ def main() -> int:
     parser.add_argument("--random-mib", type=int, default=1024)
     parser.add_argument("--raw-gib", type=float, default=4.0)
     parser.add_argument("--raw-runs", type=int, default=3)
+    parser.add_argument(
+        "--guest",
+        choices=("paused", "running"),
+        default="paused",
+        help="paused: one pass over RAM, least noise (default); running: SeaBIOS idles meanwhile",
+    )
     parser.add_argument("--paths", default="direct,socat,migtap-asyncio,migtap-uvloop")
     parser.add_argument("--out", type=Path, help="write all figures as JSON here")
     args = parser.parse_args()

@@ -38,6 +38,9 @@ def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
             "/nonexistent.toml",
         ),
         (["nosuch"], "invalid choice"),
+        (["listen", ":1", "--forward", "h:1", "--allow", "10.0.0.0/33"], "allow: '10.0.0.0/33'"),
+        (["listen", ":1", "--forward", "h:1", "--capture-ram", "some"], "--capture-ram"),
+        (["listen", ":1", "--forward", "h:1", "--vmdesc", "/nonexistent.json"], "vmdesc: "),
     ],
 )
 def test_usage_errors_exit_2_with_one_clear_line(

@@ -86,6 +86,8 @@ class Side(asyncio.Protocol):
         self.pipe.side_connected(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.pipe.refused:
+            return
         peer = self.peer.transport
         offset = self.bytes
         self.bytes = offset + len(data)
@@ -153,11 +155,14 @@ class Pipe:
         tuning: Tuning,
         observer: PipeObserver | None = None,
         on_closed: Callable[[Pipe], None] | None = None,
+        admit: Callable[[tuple[object, ...] | None], bool] | None = None,
     ) -> None:
         self.pipe_id = pipe_id
         self.tuning = tuning
         self.observer = observer
         self._on_closed = on_closed
+        self._admit = admit
+        self.refused = False  # the source's address is not allowed (--allow)
         self.pending: list[bytes] = []  # source bytes read before the destination connected
         self.downstream = Side(self, upstream=False)
         self.upstream = Side(self, upstream=True)
@@ -191,6 +196,13 @@ class Pipe:
 
     def side_connected(self, side: Side) -> None:
         if side is self.downstream:
+            if self._admit is not None and not self._admit(side.peer_name):
+                self.refused = True
+                self.close_reason = "refused"
+                self.upstream.lost = True
+                if side.transport is not None:
+                    reset(side.transport)
+                return
             # Hold the source until the destination is connected; the kernel buffers meanwhile.
             side.pause("connecting")
         elif self.downstream.lost:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ipaddress
 import socket
 import time
 from typing import TYPE_CHECKING, Self
@@ -152,11 +153,30 @@ class Relay:
             tuning=self.tuning,
             observer=self.registry,
             on_closed=self._pipe_closed,
+            admit=self._admit if self.config.allow else None,
         )
         self.pipes[pipe_id] = pipe
         self.registry.add_pipe(pipe)
         self._tg.create_task(self._connect_upstream(pipe))
         return pipe.downstream
+
+    def _admit(self, peer: tuple[object, ...] | None) -> bool:
+        """--allow: is the source's address in one of the allowed networks?"""
+        try:
+            addr = ipaddress.ip_address(str(peer[0])) if peer else None
+        except ValueError:
+            addr = None
+        if addr is not None and isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
+        if addr is not None and any(addr in net for net in self.config.allow):
+            return True
+        log.warning(
+            "connection_refused",
+            source=_fmt(peer),
+            allow=[str(n) for n in self.config.allow],
+            action="reset; add --allow for this source if it should migrate through migtap",
+        )
+        return False
 
     async def _connect_upstream(self, pipe: Pipe) -> None:
         try:
@@ -172,6 +192,8 @@ class Relay:
         # the order the source's connections were accepted.
         lock = self._connect_locks.setdefault(host, asyncio.Lock())
         fwd = self.config.forward
+        if pipe.refused:
+            return
         async with lock:
             if pipe.downstream.lost:
                 pipe.upstream_failed("source left before the destination was connected")

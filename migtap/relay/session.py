@@ -139,7 +139,7 @@ class SessionRegistry:
 
     def on_pipe_closed(self, pipe: Pipe) -> None:
         channel = self._by_pipe.pop(pipe.pipe_id, None)
-        if channel is None:
+        if channel is None or pipe.refused:
             return
         if channel.kind is None:
             # Closed before we could tell what it was (refused upstream, no bytes, short prefix).

@@ -255,6 +255,16 @@ class ProgressSink:
             "channel_kinds": [c.kind for c in self.channels],
             "machine_type": v.machine_type,
             "last_phase": v.phase,
+            "last_section": (
+                None
+                if v.last_section is None
+                else {
+                    "offset": v.last_section.offset,
+                    "kind": v.last_section.kind,
+                    "section_id": v.last_section.section_id,
+                    "idstr": v.last_section.idstr,
+                }
+            ),
             "device_sections": v.device_sections,
             "vmdesc": v.vmdesc,
             "capture_dir": capture_dir,

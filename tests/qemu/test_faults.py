@@ -1,0 +1,221 @@
+"""Faults during real QEMU 7.2 migrations: who sees what, how fast, and what migtap records."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from migtap.tap import TapSettings
+from tests.qemu.harness import MiB, Pair, Vm, vm_pair, wait_migration
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+pytestmark = pytest.mark.asyncio(loop_factories=["asyncio"])
+
+
+def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [e for e in logs if e["event"] == name]
+
+
+async def wait_sessions(relay: Any, n: int = 1, limit_s: float = 15) -> None:
+    async with asyncio.timeout(limit_s):
+        while len(relay.sessions_ended) < n:
+            await asyncio.sleep(0.02)
+
+
+async def test_destination_accepting_and_closing_at_once(tmp_path: Path, make_relay: Any) -> None:
+    async def slam(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(slam, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with vm_pair(tmp_path) as pair:
+            with capture_logs() as logs:
+                async with make_relay(port) as relay:
+                    t0 = time.monotonic()
+                    await pair.src.cmd("migrate", uri=f"tcp:127.0.0.1:{relay.port}")
+                    info = await wait_migration(pair.src, timeout_s=15)
+                    elapsed = time.monotonic() - t0
+                    await wait_sessions(relay)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert info["status"] == "failed"
+    assert elapsed < 5
+    (summary,) = events(logs, "migration_summary")
+    assert summary["outcome"] == "failed"
+    (early,) = events(logs, "destination_closed_early")
+    assert early["phase"] in ("connecting", "setup", "bulk round")
+
+
+async def test_destination_killed_capture_is_kept_and_marked(
+    tmp_path: Path, make_relay: Any
+) -> None:
+    root = tmp_path / "captures"
+    async with vm_pair(tmp_path, mem_mib=128, random_mib=64) as pair:
+        await pair.configure({}, {"max_bandwidth": 16 * MiB})
+        with capture_logs() as logs:
+            async with make_relay(pair.dst_port, tap=TapSettings(capture_dir=root)) as relay:
+                await pair.src.cmd("migrate", uri=f"tcp:127.0.0.1:{relay.port}")
+                await asyncio.sleep(1.0)
+                pair.dst.kill()
+                t0 = time.monotonic()
+                info = await wait_migration(pair.src, timeout_s=15)
+                elapsed = time.monotonic() - t0
+                await wait_sessions(relay)
+    assert info["status"] == "failed"
+    assert elapsed < 5
+    (summary,) = events(logs, "migration_summary")
+    assert summary["outcome"] == "failed"
+    assert summary["last_phase"] == "bulk round"
+    (early,) = events(logs, "destination_closed_early")
+    assert early["section_in_flight"]["idstr"] == "ram"
+    (capture,) = root.iterdir()
+    session = json.loads((capture / "session.json").read_text())
+    assert session["outcome"] == "failed"
+    # The capture holds every byte that passed, and parses up to the cut.
+    main = capture / "src-to-dst.bin"
+    assert main.stat().st_size == summary["bytes_src_to_dst"]
+    out = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "migtap", "analyze", str(main), "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 1  # truncated: an error after what parsed
+    assert "offset" in out.stderr
+    report = json.loads(out.stdout)
+    assert report["ram"]["total"]["normal_pages"] > 0
+
+
+async def test_source_killed_destination_sees_it(tmp_path: Path, make_relay: Any) -> None:
+    async with vm_pair(tmp_path, mem_mib=128, random_mib=64) as pair:
+        await pair.configure({}, {"max_bandwidth": 16 * MiB})
+        with capture_logs() as logs:
+            async with make_relay(pair.dst_port) as relay:
+                await pair.src.cmd("migrate", uri=f"tcp:127.0.0.1:{relay.port}")
+                await asyncio.sleep(1.0)
+                pair.src.kill()
+                t0 = time.monotonic()
+                # A 7.2 destination whose incoming migration fails reports it and exits.
+                assert pair.dst.proc is not None
+                code = await asyncio.to_thread(pair.dst.proc.wait, 15)
+                elapsed = time.monotonic() - t0
+                await wait_sessions(relay)
+    assert code != 0
+    assert "load of migration failed" in pair.dst.log_path.read_text()
+    assert elapsed < 5
+    (summary,) = events(logs, "migration_summary")
+    # A killed source's kernel closes the socket with a FIN, exactly as migrate_cancel does:
+    # the wire cannot tell them apart (docs/tap.md).
+    assert summary["outcome"] == "cancelled"
+    assert summary["last_phase"] == "bulk round"
+    assert summary["last_section"]["idstr"] == "ram"
+    assert events(logs, "stream_cut")
+
+
+async def test_cancel_then_migrate_again(tmp_path: Path, make_relay: Any) -> None:
+    async with vm_pair(tmp_path, mem_mib=128, random_mib=64) as pair:
+        await pair.configure({}, {"max_bandwidth": 16 * MiB})
+        port = pair.dst_port
+        with capture_logs() as logs:
+            async with make_relay(port) as relay:
+                uri = f"tcp:127.0.0.1:{relay.port}"
+                await pair.src.cmd("migrate", uri=uri)
+                await asyncio.sleep(0.5)
+                await pair.src.cmd("migrate_cancel")
+                first = await wait_migration(pair.src, timeout_s=15)
+                await wait_sessions(relay, 1)
+                # The destination gave up with the first attempt: a fresh one on the same port.
+                await pair.dst.stop()
+                dst = Vm("dst2", tmp_path, mem_mib=128, incoming=True)
+                try:
+                    await dst.start()
+                    await dst.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+                    await pair.src.set_parameters(max_bandwidth=8 * 1024 * MiB)
+                    second = await Pair(pair.src, dst, port).migrate(uri)
+                    await wait_sessions(relay, 2)
+                    assert second.source["status"] == "completed"
+                    assert await pair.src.ram_sha256() == await dst.ram_sha256()
+                finally:
+                    await dst.stop()
+    assert first["status"] == "cancelled"
+    outcomes = [e["outcome"] for e in events(logs, "migration_summary")]
+    assert outcomes == ["cancelled", "completed"]
+    assert [e["session"] for e in events(logs, "session_ended")] == [1, 2]
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:  # noqa: PTH123 - a tiny procfs read
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+async def test_stalled_destination_keeps_migtap_bounded(tmp_path: Path) -> None:
+    """SIGSTOP the destination mid-migration: migtap (a real process) must not grow."""
+    log_path = tmp_path / "migtap.log"
+    async with vm_pair(tmp_path, mem_mib=256, random_mib=192) as pair:
+        await pair.configure({}, {})
+        with log_path.open("wb") as log:
+            tap = subprocess.Popen(  # noqa: ASYNC220 - spawn only
+                [
+                    sys.executable,
+                    "-m",
+                    "migtap",
+                    "listen",
+                    "127.0.0.1:0",
+                    "--forward",
+                    f"127.0.0.1:{pair.dst_port}",
+                    "--log-format",
+                    "json",
+                ],
+                stderr=log,
+            )
+        try:
+            async with asyncio.timeout(15):
+                while '"listening"' not in log_path.read_text():
+                    await asyncio.sleep(0.05)
+            listening = json.loads(log_path.read_text().splitlines()[0])
+            port = int(listening["listen"][0].rsplit(":", 1)[1])
+            base = rss_bytes(tap.pid)
+            await pair.src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+            await asyncio.sleep(0.3)
+            assert pair.dst.proc is not None
+            os.kill(pair.dst.proc.pid, signal.SIGSTOP)
+            peak = base
+            try:
+                before = (await pair.src.query_migrate())["ram"]["transferred"]
+                for _ in range(30):  # 3 s stalled
+                    await asyncio.sleep(0.1)
+                    peak = max(peak, rss_bytes(tap.pid))
+                during = await pair.src.query_migrate()
+            finally:
+                os.kill(pair.dst.proc.pid, signal.SIGCONT)
+            assert during["status"] == "active"
+            # The source was held back: at most the buffers on the way filled up.
+            assert during["ram"]["transferred"] - before < 64 * MiB
+            assert peak - base < 48 * MiB, f"migtap grew by {(peak - base) / MiB:.0f} MiB"
+            info = await wait_migration(pair.src, timeout_s=120)
+            assert info["status"] == "completed"
+            await wait_migration(pair.dst, timeout_s=30, statuses={"completed"})
+            await pair.assert_ram_identical()
+        finally:
+            tap.send_signal(signal.SIGINT)
+            await asyncio.to_thread(tap.wait, 30)
+    summary = [json.loads(line) for line in log_path.read_text().splitlines()]
+    (done,) = [e for e in summary if e["event"] == "migration_summary"]
+    assert done["outcome"] == "completed"
