@@ -114,6 +114,9 @@ class SessionTap:
         if self.capture is not None:
             self.sinks.append(self.capture)
         self.channels: list[ChannelTap] = []
+        #: Told the source VM's UUID once the main channel shows it (groups multifd channels).
+        self.on_uuid: Callable[[bytes], None] | None = None
+        self._uuid_told = False
 
     # -- channels -----------------------------------------------------------------------------
     def add_channel(self, info: ChannelInfo, kind: ChannelKind) -> ChannelTap:
@@ -175,6 +178,10 @@ class SessionTap:
             return
         if events:
             self._deliver(tap, direction, events)
+            if not self._uuid_told and self.progress.view.uuid is not None:
+                self._uuid_told = True
+                if self.on_uuid is not None:
+                    self.on_uuid(self.progress.view.uuid)
 
     def _deliver(self, tap: ChannelTap, direction: Direction, events: list[object]) -> None:
         info = tap.info

@@ -21,6 +21,11 @@ log = structlog.get_logger("migtap.relay")
 
 #: Bytes held per connection before its kind is known (classification needs at most 4).
 MAX_PENDING = 64 * 1024
+#: Bytes held per multifd connection waiting for its session's main channel to show the UUID.
+MAX_WAITING = 16 * 1024 * 1024
+#: A multifd channel header carries the source VM's UUID at bytes 8..24 (reference §5.1).
+MULTIFD_UUID = slice(8, 24)
+NO_UUID = bytes(16)
 
 
 @dataclass(slots=True)
@@ -31,7 +36,10 @@ class Channel:
     kind: ChannelKind | None = None
     prefix: bytes = b""
     pending: list[tuple[Direction, int, bytes]] = field(default_factory=list)
+    pending_bytes: int = 0
     tap: ChannelTap | None = None
+    uuid: bytes | None = None  # a multifd channel's source VM UUID
+    waiting: bool = False  # a multifd channel waiting for the main channel with its UUID
 
 
 @dataclass(slots=True, eq=False)
@@ -44,6 +52,7 @@ class Session:
     ended: float | None = None
     tap: SessionTap | None = None
     pause_reasons: set[str] = field(default_factory=set)
+    uuid: bytes | None = None  # the source VM's UUID, from the main channel's configuration
 
     @property
     def open(self) -> bool:
@@ -82,10 +91,12 @@ def _fmt(addr: tuple[object, ...] | None) -> str | None:
 class SessionRegistry:
     """Groups pipes into sessions as their first bytes arrive, and feeds each session's tap.
 
-    A main channel (``QEVM``) opens a new session. A multifd or unrecognised channel joins the
-    newest open session from the same source host that has a main channel, or else opens its own.
-    With several concurrent migrations from one host that carry no distinguishing UUID, the
-    grouping of their multifd channels is a best guess; every byte is still relayed exactly.
+    A main channel (``QEVM``) opens a new session. A multifd channel carries its VM's UUID:
+    it joins the session whose main channel showed the same UUID in its configuration (QEMU
+    sends it with ``validate-uuid``), waiting for that if needed. Without a UUID (QEMU's default
+    is all zeros), a multifd or unrecognised channel joins the newest open session from the same
+    source host that has a main channel, or else opens its own; with several concurrent
+    migrations from one host that is a best guess. Every byte is relayed exactly either way.
     """
 
     def __init__(
@@ -99,6 +110,8 @@ class SessionRegistry:
         self._session_of: dict[int, Session] = {}
         self._on_session_end = on_session_end
         self._tap_factory = tap_factory
+        self._by_uuid: dict[bytes, Session] = {}
+        self._waiting: dict[bytes, list[Channel]] = {}
 
     def _new_session(self, host: str, first: Channel) -> Session:
         session = Session(self._next_id, host)
@@ -112,7 +125,20 @@ class SessionRegistry:
         )
         if self._tap_factory is not None:
             session.tap = self._tap_factory(session)
+            if session.tap is not None:
+                session.tap.on_uuid = lambda uuid: self._session_uuid(session, uuid)
         return session
+
+    def _session_uuid(self, session: Session, uuid: bytes) -> None:
+        """The main channel named its VM: multifd channels with that UUID belong here."""
+        if uuid == NO_UUID or not session.open:
+            return
+        session.uuid = uuid
+        self._by_uuid[uuid] = session
+        for channel in self._waiting.pop(uuid, []):
+            channel.waiting = False
+            if channel.pipe.pipe_id in self._by_pipe:
+                self._assign(channel, ChannelKind.MULTIFD, session)
 
     def add_pipe(self, pipe: Pipe) -> None:
         self._by_pipe[pipe.pipe_id] = Channel(pipe)
@@ -127,23 +153,66 @@ class SessionRegistry:
             assert session.tap is not None
             session.tap.on_chunk(tap, direction, offset, chunk)
             return
-        if channel.kind is not None:
+        if channel.kind is not None and not channel.waiting:
             return  # classified, but its session has no tap
-        if sum(len(c) for _, _, c in channel.pending) < MAX_PENDING:
+        self._before_session(channel, direction, offset, chunk)
+
+    def _before_session(
+        self, channel: Channel, direction: Direction, offset: int, chunk: bytes
+    ) -> None:
+        """Hold a chunk for the tap until the connection's kind (and session) is known."""
+        if channel.pending_bytes < (MAX_WAITING if channel.waiting else MAX_PENDING):
             channel.pending.append((direction, offset, chunk))
-        if direction is Direction.SRC_TO_DST and len(channel.prefix) < 4:
-            channel.prefix += chunk[: 4 - len(channel.prefix)]
-            kind = classify(channel.prefix)
-            if kind is not None:
-                self._assign(channel, kind)
+            channel.pending_bytes += len(chunk)
+        elif channel.waiting:
+            self._stop_waiting(channel)  # no main channel named this UUID in time
+            return
+        if direction is not Direction.SRC_TO_DST or channel.waiting:
+            return
+        if len(channel.prefix) < MULTIFD_UUID.stop:
+            channel.prefix += chunk[: MULTIFD_UUID.stop - len(channel.prefix)]
+        kind = classify(channel.prefix)
+        if kind is ChannelKind.MULTIFD:
+            if len(channel.prefix) < MULTIFD_UUID.stop:
+                return  # wait for the UUID
+            self._multifd_arrived(channel)
+        elif kind is not None:
+            self._assign(channel, kind)
+
+    def _multifd_arrived(self, channel: Channel) -> None:
+        uuid = channel.prefix[MULTIFD_UUID]
+        channel.uuid = uuid
+        session = self._by_uuid.get(uuid)
+        if session is not None and session.open:
+            self._assign(channel, ChannelKind.MULTIFD, session)
+        elif uuid != NO_UUID and self._tap_factory is not None:
+            # Its main channel has not shown its configuration yet (multifd channels may
+            # speak first): wait for it, holding the bytes for the tap (not for the relay).
+            channel.kind = ChannelKind.MULTIFD
+            channel.waiting = True
+            self._waiting.setdefault(uuid, []).append(channel)
+        else:
+            self._assign(channel, ChannelKind.MULTIFD)
+
+    def _stop_waiting(self, channel: Channel) -> None:
+        channel.waiting = False
+        if channel.uuid is not None:
+            waiting = self._waiting.get(channel.uuid, [])
+            if channel in waiting:
+                waiting.remove(channel)
+            if not waiting:
+                self._waiting.pop(channel.uuid, None)
+        self._assign(channel, ChannelKind.MULTIFD)
 
     def on_pipe_closed(self, pipe: Pipe) -> None:
         channel = self._by_pipe.pop(pipe.pipe_id, None)
         if channel is None or pipe.refused:
             return
-        if channel.kind is None:
+        if channel.waiting:
+            self._stop_waiting(channel)
+        elif pipe.pipe_id not in self._session_of:
             # Closed before we could tell what it was (refused upstream, no bytes, short prefix).
-            self._assign(channel, classify(channel.prefix) or ChannelKind.UNKNOWN)
+            self._assign(channel, classify(channel.prefix[:4]) or ChannelKind.UNKNOWN)
         session = self._session_of.pop(pipe.pipe_id)
         if session.tap is not None and channel.tap is not None:
             session.tap.channel_closed(
@@ -152,15 +221,20 @@ class SessionRegistry:
         if all(c.pipe.ended is not None for c in session.channels) and session.ended is None:
             session.ended = time.monotonic()
             del self.sessions[session.session_id]
+            if session.uuid is not None and self._by_uuid.get(session.uuid) is session:
+                del self._by_uuid[session.uuid]
             if self._on_session_end is not None:
                 self._on_session_end(session)
 
-    def _assign(self, channel: Channel, kind: ChannelKind) -> None:
+    def _assign(self, channel: Channel, kind: ChannelKind, session: Session | None = None) -> None:
         channel.kind = kind
         pipe = channel.pipe
-        session = self._session_of.get(pipe.pipe_id)
-        if session is None:
-            session = self._find_session(channel, kind)
+        existing = self._session_of.get(pipe.pipe_id)
+        if existing is not None:
+            session = existing
+        else:
+            if session is None:
+                session = self._find_session(channel, kind)
             if session is None:
                 session = self._new_session(host_of(pipe.source), channel)
             session.channels.append(channel)
@@ -186,11 +260,11 @@ class SessionRegistry:
                 started_wall=pipe.started_wall,
             )
             channel.tap = session.tap.add_channel(info, kind)
-            pending, channel.pending = channel.pending, []
+            pending, channel.pending, channel.pending_bytes = channel.pending, [], 0
             for direction, offset, chunk in pending:
                 session.tap.on_chunk(channel.tap, direction, offset, chunk)
         else:
-            channel.pending = []
+            channel.pending, channel.pending_bytes = [], 0
 
     def _find_session(self, channel: Channel, kind: ChannelKind) -> Session | None:
         if kind is ChannelKind.MAIN:

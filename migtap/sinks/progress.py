@@ -80,6 +80,7 @@ class MigrationView:
     started: float = field(default_factory=time.monotonic)
     phase: str = "connecting"
     machine_type: str | None = None
+    uuid: bytes | None = None  # the source VM's UUID (configuration, with validate-uuid)
     page_size: int = 4096
     ram_total: int = 0
     normal: int = 0
@@ -289,6 +290,7 @@ class ProgressSink:
     def _on_configuration(self, channel: ChannelInfo, event: object) -> None:
         assert isinstance(event, Configuration)
         self.view.machine_type = event.machine_type
+        self.view.uuid = event.uuid
 
     def _on_blocks(self, channel: ChannelInfo, event: object) -> None:
         assert isinstance(event, RamBlockList)

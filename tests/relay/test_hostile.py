@@ -112,3 +112,46 @@ async def test_allow_admits_listed_sources() -> None:
     got, logs = await send_through(data, allow=(ipaddress.ip_network("127.0.0.0/8"),))
     assert got == data
     assert not [e for e in logs if e["event"] == "connection_refused"]
+
+
+async def test_multifd_channels_join_the_session_with_their_uuid() -> None:
+    """Two migrations from one host at once: multifd channels speak before the main channels,
+    in an order that the host-and-time rule would get wrong; their UUIDs put them right."""
+    from migtap.wire.constants import MigCmd
+    from tests.streams import command, configuration, header
+    from tests.wire.mfd_streams import mfd_init
+
+    uuids = [bytes([0xA0 + i]) * 16 for i in range(2)]
+    with capture_logs() as logs:
+        async with fake_destination(sink_handler) as (port, _), tap_relay(port) as relay:
+            conns = {}
+            for vm in (0, 1):
+                for ch in ("main", 0, 1):
+                    _, w = await asyncio.open_connection("127.0.0.1", relay.port)
+                    conns[vm, ch] = w
+                    await asyncio.sleep(0.02)  # accept order: vm0 main, mfd, mfd, vm1 main, ...
+            for vm in (1, 0):  # multifd first, newest migration first
+                for ch in (0, 1):
+                    conns[vm, ch].write(mfd_init(ch, uuids[vm]))
+                    await conns[vm, ch].drain()
+            await asyncio.sleep(0.1)
+            for vm in (0, 1):
+                main = header() + configuration(uuid=uuids[vm])
+                main += command(MigCmd.MIG_CMD_OPEN_RETURN_PATH)
+                conns[vm, "main"].write(main)
+                await conns[vm, "main"].drain()
+            await asyncio.sleep(0.2)
+            for w in conns.values():
+                w.write_eof()
+            await asyncio.sleep(0.2)
+            for w in conns.values():
+                w.close()
+            async with asyncio.timeout(10):
+                while len(relay.sessions_ended) < 2:
+                    await asyncio.sleep(0.01)
+    joined = [e for e in logs if e["event"] == "channel_joined"]
+    by_session: dict[int, list[int]] = {}
+    for e in joined:
+        by_session.setdefault(e["session"], []).append(e["pipe"])
+    # pipes 1-3 are vm0 (main, mfd, mfd), 4-6 vm1
+    assert sorted(sorted(p) for p in by_session.values()) == [[1, 2, 3], [4, 5, 6]]
