@@ -18,6 +18,38 @@ _SHARED: list[structlog.types.Processor] = [
 ]
 
 
+def compact_progress(
+    logger: object, method: str, event_dict: structlog.types.EventDict
+) -> structlog.types.EventDict:
+    """On a console, one short live line per progress tick instead of every key.
+
+    ``migration_progress s1 bulk round 42.0% (eta 1.3s) 812.4 MiB/s pages 1200/300/0``
+    """
+    del logger, method
+    if event_dict.get("event") != "migration_progress":
+        return event_dict
+    parts = [f"s{event_dict.pop('session', '?')}", str(event_dict.pop("phase", ""))]
+    if "bulk_covered_pct" in event_dict:
+        pct = event_dict.pop("bulk_covered_pct")
+        eta = event_dict.pop("bulk_eta_s", None)
+        parts.append(f"{pct}%" + (f" (eta {eta}s)" if eta is not None else ""))
+    parts.append(f"{event_dict.pop('rate_mib_s', 0)} MiB/s")
+    parts.append(
+        "pages {}/{}/{}".format(
+            event_dict.pop("ram_normal_pages", 0),
+            event_dict.pop("ram_zero_pages", 0),
+            event_dict.pop("ram_xbzrle_pages", 0),
+        )
+    )
+    channels = event_dict.pop("channels", [])
+    if isinstance(channels, list) and len(channels) > 1:
+        parts.append("ch " + " ".join(f"{c.get('kind')}:{c.get('rate_mib_s')}" for c in channels))
+    for key in ("round_pages", "bytes_src_to_dst"):
+        event_dict.pop(key, None)
+    event_dict["event"] = "migration_progress " + " ".join(parts)
+    return event_dict
+
+
 def configure_logging(
     fmt: LogFormat = "auto", level: str = "info", stream: TextIO | None = None
 ) -> None:
@@ -27,7 +59,7 @@ def configure_logging(
     renderer: structlog.types.Processor
     if use_console:
         renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
-        tail: list[structlog.types.Processor] = [renderer]
+        tail: list[structlog.types.Processor] = [compact_progress, renderer]
     else:
         renderer = structlog.processors.JSONRenderer()
         tail = [structlog.processors.dict_tracebacks, renderer]

@@ -122,7 +122,7 @@ class SessionTap:
     def add_channel(self, info: ChannelInfo, kind: ChannelKind) -> ChannelTap:
         tap = ChannelTap(info, kind, self.settings.page_size)
         self.channels.append(tap)
-        self._each_sink("on_channel", lambda s: s.on_channel(info))
+        self._each_sink(lambda s: s.on_channel(info))
         if tap.s2d is None and kind is not ChannelKind.MULTIFD:
             self.log.info(
                 "channel_not_parsed",
@@ -209,7 +209,7 @@ class SessionTap:
                 self._parse(tap, direction, parser, None)
         if tap.d2s is not None or info.kind == "main":
             self._report_early_close(tap)
-        self._each_sink("on_channel_closed", lambda s: s.on_channel_closed(info))
+        self._each_sink(lambda s: s.on_channel_closed(info))
 
     # -- periodic and end ---------------------------------------------------------------------
     def tick(self) -> None:
@@ -267,12 +267,7 @@ class SessionTap:
             fields.update(offset=exc.offset, state=exc.state)
             section = self.progress.view.last_section
             if section is not None and info.kind == "main" and direction is Direction.SRC_TO_DST:
-                fields["section"] = {
-                    "offset": section.offset,
-                    "kind": section.kind,
-                    "section_id": section.section_id,
-                    "idstr": section.idstr,
-                }
+                fields["section"] = section.as_dict()
             self.log.warning("parser_detached", **fields)
         else:
             self.log.error("parser_crashed", **fields, exc_info=exc)
@@ -305,16 +300,7 @@ class SessionTap:
             ch=info.index,
             close_reason=info.close_reason,
             phase=view.phase,
-            section_in_flight=(
-                None
-                if section is None
-                else {
-                    "offset": section.offset,
-                    "kind": section.kind,
-                    "section_id": section.section_id,
-                    "idstr": section.idstr,
-                }
-            ),
+            section_in_flight=None if section is None else section.as_dict(),
             bytes_forwarded=end,
             last_bytes_offset=end - len(tap.tail),
             last_bytes_hex=tap.tail.hex(" "),
@@ -333,10 +319,9 @@ class SessionTap:
                 exc_info=exc,
             )
 
-    def _each_sink(self, what: str, call: Callable[[Sink], None]) -> None:
+    def _each_sink(self, call: Callable[[Sink], None]) -> None:
         for sink in list(self.sinks):
             try:
                 call(sink)
             except Exception as exc:  # noqa: BLE001
                 self._sink_failed(sink, exc)
-        del what

@@ -52,6 +52,7 @@ class RelayProc:
         self.workdir = workdir
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
+        self.capture_dir: Path | None = None
 
     def start(self) -> None:
         if self.kind.startswith("migtap"):
@@ -61,6 +62,9 @@ class RelayProc:
             extra = []
             for opt in filter(None, opts.split(",")):
                 key, _, value = opt.partition("=")
+                if key == "capture":  # a fresh directory per run, on the same disk as .cache
+                    self.capture_dir = Path(tempfile.mkdtemp(prefix="capture-", dir=self.workdir))
+                    value = str(self.capture_dir)
                 extra += [f"--{key.replace('_', '-')}"] + ([value] if value else [])
             self.proc = subprocess.Popen(
                 [
@@ -133,10 +137,15 @@ class RelayProc:
                 signal.SIGINT if self.kind.startswith("migtap") else signal.SIGTERM
             )
             try:
-                self.proc.wait(timeout=10)
+                self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.capture_dir is not None:
+            written = sum(f.stat().st_size for f in self.capture_dir.rglob("*") if f.is_file())
+            print(f"bench: {self.kind} captured {written / GiB:.2f} GiB", file=sys.stderr)
+            shutil.rmtree(self.capture_dir)
+            self.capture_dir = None
 
 
 async def one_migration(

@@ -72,6 +72,14 @@ class SectionInFlight:
     section_id: int
     idstr: str | None
 
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "offset": self.offset,
+            "kind": self.kind,
+            "section_id": self.section_id,
+            "idstr": self.idstr,
+        }
+
 
 @dataclass(slots=True)
 class MigrationView:
@@ -256,16 +264,7 @@ class ProgressSink:
             "channel_kinds": [c.kind for c in self.channels],
             "machine_type": v.machine_type,
             "last_phase": v.phase,
-            "last_section": (
-                None
-                if v.last_section is None
-                else {
-                    "offset": v.last_section.offset,
-                    "kind": v.last_section.kind,
-                    "section_id": v.last_section.section_id,
-                    "idstr": v.last_section.idstr,
-                }
-            ),
+            "last_section": None if v.last_section is None else v.last_section.as_dict(),
             "device_sections": v.device_sections,
             "vmdesc": v.vmdesc,
             "capture_dir": capture_dir,

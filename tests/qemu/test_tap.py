@@ -197,3 +197,50 @@ async def test_destination_that_fails_to_load_is_located(tmp_path: Path, make_re
     assert early["section_in_flight"]["idstr"] == "ram"
     assert early["last_bytes_hex"]
     assert only(logs, "migration_summary")["outcome"] == "failed"
+
+
+def rich_devices(disk: Path) -> list[str]:
+    return [
+        "-netdev", "user,id=n0",
+        "-device", "virtio-net-pci,netdev=n0",
+        "-netdev", "user,id=n1",
+        "-device", "e1000,netdev=n1",
+        "-drive", f"file={disk},if=none,id=d0,format=qcow2",
+        "-device", "virtio-blk-pci,drive=d0",
+        "-device", "qemu-xhci,id=xhci",
+        "-device", "usb-tablet,bus=xhci.0",
+    ]  # fmt: skip
+
+
+@ONE_LOOP
+async def test_device_rich_q35_is_annotated_field_by_field(tmp_path: Path, make_relay: Any) -> None:
+    import subprocess
+
+    disks = []
+    for name in ("src", "dst"):
+        disk = tmp_path / f"{name}.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)  # noqa: ASYNC221
+        disks.append(disk)
+    root = tmp_path / "captures"
+    async with vm_pair(
+        tmp_path,
+        machine="q35",
+        random_mib=16,
+        src_extra=rich_devices(disks[0]),
+        dst_extra=rich_devices(disks[1]),
+    ) as pair:
+        info, logs = await tap_migration(pair, make_relay, TapSettings(capture_dir=root))
+        await pair.assert_ram_identical()
+    d = capture_dir(root)
+    desc = VmDescription.from_json((d / "vmdesc.json").read_bytes())
+    short = {dev.name.rsplit("/", 1)[-1] for dev in desc.devices}
+    assert {"virtio-net", "e1000", "virtio-blk", "xhci", "usb-ptr", "ICH9LPC"} <= short
+    records = [json.loads(line) for line in (d / "annotated.jsonl").read_text().splitlines()]
+    assert {(r["idstr"], r["instance_id"]) for r in records} == {
+        (dev.name, dev.instance_id) for dev in desc.devices
+    }
+    assert all(r["decoded"] for r in records), [r for r in records if not r["decoded"]]
+    summary = only(logs, "migration_summary")
+    assert summary["machine_type"].startswith("pc-q35-")
+    assert summary["ram_normal_pages"] == info["ram"]["normal"]
+    assert summary["devices_failed"] == 0
