@@ -56,11 +56,11 @@ class RelayProc:
 
     def start(self) -> None:
         if self.kind.startswith("migtap"):
-            # "migtap-LOOP" or "migtap-LOOP:option=value,option=value" (listen options)
+            # "migtap-LOOP" or "migtap-LOOP:option=value+option=value" (listen options)
             name, _, opts = self.kind.partition(":")
             loop = name.split("-", 1)[1]
             extra = []
-            for opt in filter(None, opts.split(",")):
+            for opt in filter(None, opts.split("+")):
                 key, _, value = opt.partition("=")
                 if key == "capture":  # a fresh directory per run, on the same disk as .cache
                     self.capture_dir = Path(tempfile.mkdtemp(prefix="capture-", dir=self.workdir))
