@@ -105,8 +105,10 @@ class Vm:
                 await asyncio.sleep(0.05)
 
     async def cmd(self, command: str, **arguments: Any) -> Any:
+        """A QMP command; a QEMU that does not answer within 120 s fails the test."""
         assert self.qmp is not None
-        return await self.qmp.execute(command, arguments or None)
+        async with asyncio.timeout(120):
+            return await self.qmp.execute(command, arguments or None)
 
     async def hmp(self, line: str) -> str:
         out = await self.cmd("human-monitor-command", **{"command-line": line})
