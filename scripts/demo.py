@@ -37,7 +37,9 @@ async def demo(args: argparse.Namespace) -> int:
     print(f"demo: work directory {workdir}", file=sys.stderr)
     async with vm_pair(workdir, mem_mib=args.mem_mib, random_mib=args.random_mib) as pair:
         caps = {"multifd": True} if args.multifd else {}
-        params = {"multifd_channels": args.multifd} if args.multifd else {}
+        params: dict[str, object] = {"multifd_channels": args.multifd} if args.multifd else {}
+        # Throttled so that a person sees the live progress lines (0 = as fast as possible).
+        params["max_bandwidth"] = (args.bandwidth_mib or 64 * 1024) * 1024 * 1024
         await pair.configure(caps, params)
         captures = workdir / "captures"
         cmd = [
@@ -132,6 +134,12 @@ def main() -> int:
     )
     parser.add_argument(
         "--multifd", type=int, default=0, metavar="N", help="use N multifd channels"
+    )
+    parser.add_argument(
+        "--bandwidth-mib",
+        type=int,
+        default=24,
+        help="QEMU max-bandwidth in MiB/s, so the progress is visible (0: unlimited)",
     )
     return asyncio.run(demo(parser.parse_args()))
 
