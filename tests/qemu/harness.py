@@ -269,3 +269,22 @@ async def vm_pair(
     finally:
         await src.stop()
         await dst.stop()
+
+
+def rich_devices(disk: Path) -> list[str]:
+    """A network card of each common kind, a virtio disk on ``disk`` (qcow2) and a USB tablet."""
+    return [
+        "-netdev", "user,id=n0",
+        "-device", "virtio-net-pci,netdev=n0",
+        "-netdev", "user,id=n1",
+        "-device", "e1000,netdev=n1",
+        "-drive", f"file={disk},if=none,id=d0,format=qcow2",
+        "-device", "virtio-blk-pci,drive=d0",
+        "-device", "qemu-xhci,id=xhci",
+        "-device", "usb-tablet,bus=xhci.0",
+    ]  # fmt: skip
+
+
+def make_qcow2(path: Path, size: str = "16M") -> Path:
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), size], check=True)
+    return path

@@ -37,7 +37,16 @@ from migtap.wire.constants import SectionType
 from migtap.wire.multifd import MultifdInit, MultifdPacket, MultifdParser
 from migtap.wire.return_path import ReturnPathParser, RpPong, RpShut
 from migtap.wire.stream import State, StreamParser
-from tests.qemu.harness import MiB, Pair, Vm, random_ram_file, vm_pair, wait_migration
+from tests.qemu.harness import (
+    MiB,
+    Pair,
+    Vm,
+    make_qcow2,
+    random_ram_file,
+    rich_devices,
+    vm_pair,
+    wait_migration,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
@@ -233,21 +242,7 @@ async def test_random_ram_guest(tmp_path: Path) -> None:
 
 
 async def test_device_rich_pc_guest(tmp_path: Path) -> None:
-    disk = tmp_path / "disk.qcow2"
-    proc = await asyncio.create_subprocess_exec(
-        "qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"
-    )  # fmt: skip
-    assert await proc.wait() == 0
-    extra = [
-        "-netdev", "user,id=n0",
-        "-device", "virtio-net-pci,netdev=n0",
-        "-netdev", "user,id=n1",
-        "-device", "e1000,netdev=n1",
-        "-drive", f"file={disk},if=none,id=d0,format=qcow2",
-        "-device", "virtio-blk-pci,drive=d0",
-        "-device", "qemu-xhci,id=xhci",
-        "-device", "usb-tablet,bus=xhci.0",
-    ]  # fmt: skip
+    extra = rich_devices(make_qcow2(tmp_path / "disk.qcow2"))
     _, _, desc = await check_file_capture(tmp_path, extra=extra)
     short = {dd.name.rsplit("/", 1)[-1] for dd in desc.devices}
     assert {"virtio-net", "e1000", "virtio-blk", "xhci", "usb-ptr"} <= short, sorted(short)

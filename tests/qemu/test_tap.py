@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 
 from migtap.annotate.vmsd import VmDescription
 from migtap.tap import TapSettings
-from tests.qemu.harness import Pair, Vm, vm_pair, wait_migration
+from tests.qemu.harness import Pair, Vm, make_qcow2, rich_devices, vm_pair, wait_migration
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -199,28 +199,9 @@ async def test_destination_that_fails_to_load_is_located(tmp_path: Path, make_re
     assert only(logs, "migration_summary")["outcome"] == "failed"
 
 
-def rich_devices(disk: Path) -> list[str]:
-    return [
-        "-netdev", "user,id=n0",
-        "-device", "virtio-net-pci,netdev=n0",
-        "-netdev", "user,id=n1",
-        "-device", "e1000,netdev=n1",
-        "-drive", f"file={disk},if=none,id=d0,format=qcow2",
-        "-device", "virtio-blk-pci,drive=d0",
-        "-device", "qemu-xhci,id=xhci",
-        "-device", "usb-tablet,bus=xhci.0",
-    ]  # fmt: skip
-
-
 @ONE_LOOP
 async def test_device_rich_q35_is_annotated_field_by_field(tmp_path: Path, make_relay: Any) -> None:
-    import subprocess
-
-    disks = []
-    for name in ("src", "dst"):
-        disk = tmp_path / f"{name}.qcow2"
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)  # noqa: ASYNC221
-        disks.append(disk)
+    disks = [make_qcow2(tmp_path / f"{name}.qcow2") for name in ("src", "dst")]
     root = tmp_path / "captures"
     async with vm_pair(
         tmp_path,
