@@ -26,7 +26,7 @@ from migtap.wire.return_path import ReturnPathParser
 from migtap.wire.stream import StreamParser
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
     from pathlib import Path
 
     from migtap.annotate.vmsd import VmDescription
@@ -113,6 +113,8 @@ class SessionTap:
         self.sinks: list[Sink] = [self.progress, self.annotate]
         if self.capture is not None:
             self.sinks.append(self.capture)
+        # Only the capture wants raw chunks; the others follow events (hot path: no idle calls).
+        self.chunk_sinks: list[Sink] = [self.capture] if self.capture is not None else []
         self.channels: list[ChannelTap] = []
         #: Told the source VM's UUID once the main channel shows it (groups multifd channels).
         self.on_uuid: Callable[[bytes], None] | None = None
@@ -144,7 +146,7 @@ class SessionTap:
                 tap.tail = (tap.tail + chunk[-TAIL_BYTES:])[-TAIL_BYTES:]
         else:
             info.bytes_dst_to_src = offset + len(chunk)
-        for sink in self.sinks:
+        for sink in self.chunk_sinks:
             try:
                 sink.on_chunk(info, direction, offset, chunk)
             except Exception as exc:  # noqa: BLE001 - a sink must never break the relay
@@ -157,7 +159,7 @@ class SessionTap:
         self, tap: ChannelTap, direction: Direction, parser: Parser, chunk: bytes | None
     ) -> None:
         try:
-            events: list[object] = list(
+            events: Sequence[object] = (
                 parser.feed(chunk) if chunk is not None else parser.feed_eof()
             )
         except TruncatedStream as exc:
@@ -183,7 +185,7 @@ class SessionTap:
                 if self.on_uuid is not None:
                     self.on_uuid(self.progress.view.uuid)
 
-    def _deliver(self, tap: ChannelTap, direction: Direction, events: list[object]) -> None:
+    def _deliver(self, tap: ChannelTap, direction: Direction, events: Sequence[object]) -> None:
         info = tap.info
         for sink in self.sinks:
             try:
@@ -309,6 +311,8 @@ class SessionTap:
         )
 
     def _sink_failed(self, sink: Sink, exc: Exception) -> None:
+        if sink in self.chunk_sinks:
+            self.chunk_sinks.remove(sink)
         if sink in self.sinks:
             self.sinks.remove(sink)
             self.log.error(
