@@ -59,6 +59,7 @@ class Round:
     normal: int = 0
     zero: int = 0
     xbzrle: int = 0
+    finished: bool = False
 
     @property
     def pages(self) -> int:
@@ -311,28 +312,34 @@ class ProgressSink:
     def _new_round(self, number: int) -> Round:
         v = self.view
         now = self.clock()
-        prev = v.round
-        if prev is not None:
-            duration = now - prev.started
-            self.log.info(
-                "ram_round_finished",
-                round=prev.number,
-                duration_s=round(duration, 3),
-                pages_normal=prev.normal,
-                pages_zero=prev.zero,
-                pages_xbzrle=prev.xbzrle,
-                # Pages sent in a later round were dirtied during the one before it.
-                dirty_rate_mib_s=(
-                    round(prev.pages * v.page_size / duration / MiB, 1)
-                    if duration > 0 and prev.number > 1
-                    else None
-                ),
-            )
+        if v.round is not None:
+            self._round_finished(v.round, now)
         rnd = Round(number, now)
         v.rounds.append(rnd)
         if v.phase in ("setup", "bulk round") or v.phase.startswith("round "):
             self._set_phase("bulk round" if number == 1 else f"round {number}")
         return rnd
+
+    def _round_finished(self, prev: Round, now: float) -> None:
+        v = self.view
+        if prev.finished:
+            return
+        prev.finished = True
+        duration = now - prev.started
+        self.log.info(
+            "ram_round_finished",
+            round=prev.number,
+            duration_s=round(duration, 3),
+            pages_normal=prev.normal,
+            pages_zero=prev.zero,
+            pages_xbzrle=prev.xbzrle,
+            # Pages sent in a later round were dirtied during the one before it.
+            dirty_rate_mib_s=(
+                round(prev.pages * v.page_size / duration / MiB, 1)
+                if duration > 0 and prev.number > 1
+                else None
+            ),
+        )
 
     def _on_section(self, channel: ChannelInfo, event: object) -> None:
         assert isinstance(event, SectionHeader)
@@ -365,6 +372,8 @@ class ProgressSink:
     def _on_eof(self, channel: ChannelInfo, event: object) -> None:
         if channel.kind == "main" and not self.view.in_packaged:
             self.view.eof_at = self.clock()
+            if self.view.round is not None:  # the last round ends with the stream
+                self._round_finished(self.view.round, self.view.eof_at)
 
     def _on_vmdesc(self, channel: ChannelInfo, event: object) -> None:
         assert isinstance(event, VmDescription)

@@ -84,10 +84,15 @@ def test_phases_rounds_and_counts() -> None:
         precopy(sink, clock, ch)
     phases = [e["phase"] for e in logs if e["event"] == "migration_phase"]
     assert phases == ["setup", "bulk round", "round 2", "stop-and-copy"]
-    (finished,) = [e for e in logs if e["event"] == "ram_round_finished"]
-    assert finished["round"] == 1
-    assert finished["duration_s"] == 2.0
-    assert finished["pages_normal"] == 4
+    first, last = [e for e in logs if e["event"] == "ram_round_finished"]
+    assert first["round"] == 1
+    assert first["duration_s"] == 2.0
+    assert first["pages_normal"] == 4
+    assert first["dirty_rate_mib_s"] is None  # the bulk round scans, nothing was dirtied yet
+    assert last["round"] == 2  # the last round ends with EOF
+    assert last["duration_s"] == 1.05
+    assert last["pages_normal"] == 2
+    assert last["pages_zero"] == 1
     fields = close(sink, ch, "eof_both")
     assert fields["outcome"] == "completed"
     assert fields["rounds"] == 2
