@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import signal
 import sys
 from dataclasses import asdict
@@ -13,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from migtap import __version__
+from migtap import __version__, analyze
 from migtap.config import CHOICES, Config, build_config, load_toml
 from migtap.errors import ConfigError, MigtapError
 from migtap.log import configure_logging
@@ -132,18 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     listen.set_defaults(run=_run_listen)
 
-    try:
-        analyze = importlib.import_module("migtap.analyze")
-    except ImportError:
-        pass
-    else:
-        a = sub.add_parser(
-            "analyze",
-            help="parse a captured migration stream",
-            description="Parse a capture (raw main-channel stream) and print what it holds.",
-        )
-        analyze.add_arguments(a)
-        a.set_defaults(run=analyze.run)
+    a = sub.add_parser(
+        "analyze",
+        help="parse a captured migration stream",
+        description="Parse a capture (raw main-channel stream) and print what it holds.",
+    )
+    analyze.add_arguments(a)
+    a.set_defaults(run=analyze.run)
     return parser
 
 
