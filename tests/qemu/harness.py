@@ -4,6 +4,9 @@ Source and destination are TCG guests with ``-nodefaults`` and QMP on unix socke
 dir. A migration is judged as a person would: the source's ``query-migrate`` says
 ``completed``, the destination has loaded (``completed``, paused by ``-S``), and every byte of
 guest RAM is the same on both sides (HMP ``pmemsave`` of all RAM, compared by sha256).
+
+A VM runs the host's QEMU unless given another ``Qemu``: ``Qemu.trixie(tree)`` is Debian trixie's
+10.0 from the tree that scripts/qemu10.sh builds (``vm_pair(..., src_qemu=..., dst_qemu=...)``).
 """
 
 from __future__ import annotations
@@ -45,6 +48,54 @@ def qemu_binary() -> str:
     return path
 
 
+@dataclass(frozen=True)
+class Qemu:
+    """Which QEMU a Vm runs: the host's (the default) or one from a foreign root tree.
+
+    ``prefix`` is the command up to the first QEMU option; empty means the host's binary,
+    resolved by ``qemu_binary()`` when the VM starts (``MIGTAP_QEMU`` still applies).
+    """
+
+    name: str = "host"
+    prefix: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def trixie(cls, tree: Path) -> Qemu:
+        """Debian trixie's QEMU 10.0 in ``tree`` (scripts/qemu10.sh), run with the tree's loader.
+
+        No chroot: the tree's own dynamic loader and libraries, and ``-L`` for its firmware
+        (without them QEMU silently uses the host's 7.2-era firmware). Host paths (QMP sockets,
+        pmemsave, loader files) work unchanged.
+        """
+        tree = tree.resolve()
+        lib = tree / "usr/lib/x86_64-linux-gnu"
+        return cls(
+            name="trixie",
+            prefix=(
+                str(lib / "ld-linux-x86-64.so.2"),
+                "--library-path",
+                f"{lib}:{tree / 'usr/lib'}",
+                str(tree / "usr/bin/qemu-system-x86_64"),
+                "-L",
+                str(tree / "usr/share/qemu"),
+                "-L",
+                str(tree / "usr/share/seabios"),
+            ),
+            env=(("QEMU_MODULE_DIR", str(lib / "qemu")),),
+        )
+
+    def command(self) -> list[str]:
+        return list(self.prefix) if self.prefix else [qemu_binary()]
+
+    def environ(self) -> dict[str, str] | None:
+        """The process environment, or None (inherit) for the host's QEMU."""
+        return {**os.environ, **dict(self.env)} if self.env else None
+
+
+HOST_QEMU = Qemu()
+
+
 @dataclass
 class Vm:
     """One QEMU process with a QMP connection."""
@@ -57,6 +108,7 @@ class Vm:
     extra: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
     qmp: QMPClient | None = None
+    qemu: Qemu = HOST_QEMU
 
     @property
     def qmp_path(self) -> Path:
@@ -68,7 +120,7 @@ class Vm:
 
     async def start(self) -> None:
         args = [
-            qemu_binary(),
+            *self.qemu.command(),
             "-nodefaults",
             "-machine",
             f"{self.machine},accel=tcg",
@@ -84,7 +136,11 @@ class Vm:
             args += ["-incoming", "defer", "-S"]
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(  # noqa: ASYNC220 - short-lived spawn
-                args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.qemu.environ(),
             )
         self.qmp = QMPClient(self.name)
         deadline = time.monotonic() + 20
@@ -253,14 +309,22 @@ async def vm_pair(
     random_mib: int = 0,
     src_extra: list[str] | None = None,
     dst_extra: list[str] | None = None,
+    src_qemu: Qemu = HOST_QEMU,
+    dst_qemu: Qemu = HOST_QEMU,
 ) -> AsyncIterator[Pair]:
     extra = list(src_extra or [])
     if random_mib:
         blob = random_ram_file(workdir, random_mib * MiB)
         extra += ["-device", f"loader,file={blob},addr=0x1000000,force-raw=on"]
-    src = Vm("src", workdir, mem_mib=mem_mib, machine=machine, extra=extra)
+    src = Vm("src", workdir, mem_mib=mem_mib, machine=machine, extra=extra, qemu=src_qemu)
     dst = Vm(
-        "dst", workdir, mem_mib=mem_mib, machine=machine, incoming=True, extra=list(dst_extra or [])
+        "dst",
+        workdir,
+        mem_mib=mem_mib,
+        machine=machine,
+        incoming=True,
+        extra=list(dst_extra or []),
+        qemu=dst_qemu,
     )
     try:
         await src.start()
