@@ -32,6 +32,7 @@ from migtap.wire.events import (
     Packaged,
     PackagedEnd,
     RamBlockList,
+    RamMultifdFlush,
     RamPages,
     SectionHeader,
     StreamHeader,
@@ -140,12 +141,16 @@ class ProgressSink:
         self.channels: list[ChannelInfo] = []
         self.log = log.bind(session=session_id)
         self._last_tick = self.view.started
+        self._parser_round = 0  # the newest round number the main-channel parser reported
+        self._flush_pending = False  # a MULTIFD_FLUSH (8.1+: a pass over RAM ended) not yet used
+        self._adopt = False  # the current round was started by multifd pages, not the parser
         self._last_bytes: dict[int, int] = {}
         self._handlers: dict[type, Callable[[ChannelInfo, object], None]] = {
             StreamHeader: self._on_header,
             Configuration: self._on_configuration,
             RamBlockList: self._on_blocks,
             RamPages: self._on_pages,
+            RamMultifdFlush: self._on_flush,
             SectionHeader: self._on_section,
             DeviceState: self._on_device,
             Packaged: self._on_packaged,
@@ -300,8 +305,11 @@ class ProgressSink:
         assert isinstance(event, RamPages)
         v = self.view
         rnd = v.round
-        if rnd is None or event.round > rnd.number:
-            rnd = self._new_round(event.round)
+        if rnd is None or event.round > self._parser_round:
+            self._parser_round = event.round
+            if rnd is None or not self._adopt:
+                rnd = self._new_round()
+            self._adopt = False  # a round multifd pages started is the parser's new round
         v.normal += event.normal
         v.zero += event.zero
         v.xbzrle += event.xbzrle
@@ -309,9 +317,14 @@ class ProgressSink:
         rnd.zero += event.zero
         rnd.xbzrle += event.xbzrle
 
-    def _new_round(self, number: int) -> Round:
+    def _on_flush(self, channel: ChannelInfo, event: object) -> None:
+        self._flush_pending = True
+
+    def _new_round(self) -> Round:
         v = self.view
         now = self.clock()
+        number = len(v.rounds) + 1
+        self._flush_pending = False
         if v.round is not None:
             self._round_finished(v.round, now)
         rnd = Round(number, now)
@@ -393,6 +406,11 @@ class ProgressSink:
         v.normal += event.normal_pages
         v.zero += event.zero_pages
         rnd = v.round
+        if event.normal_pages + event.zero_pages and (rnd is None or self._flush_pending):
+            # 10.0+ sends every page over multifd: the main channel's MULTIFD_FLUSH marks the
+            # passes over RAM (one per round, 8.1+), so a page after one starts the next round.
+            rnd = self._new_round()
+            self._adopt = True
         if rnd is not None:
             rnd.normal += event.normal_pages
             rnd.zero += event.zero_pages

@@ -225,3 +225,38 @@ def test_summary_is_logged_once_with_the_documented_keys() -> None:
         "capture_dir",
     ):
         assert key in line
+
+
+def test_rounds_from_multifd_flushes_when_main_carries_no_pages() -> None:
+    """10.0+: every page goes over multifd; MULTIFD_FLUSH on main marks each pass."""
+    from migtap.wire.events import RamMultifdFlush
+
+    sink = ProgressSink(1)
+    main, mfd = channel(0), channel(1, "multifd")
+    sink.on_channel(main)
+    sink.on_channel(mfd)
+    feed(sink, main, StreamHeader(0, 0x5145564D, 3), RamMultifdFlush(10, 2))
+    feed(sink, mfd, packet(1, 100, 0, 0x63000, zero=20), packet(2, 28, 0x64000, 0x7F000))
+    feed(sink, main, RamMultifdFlush(20, 2))
+    feed(sink, mfd, packet(3, 0, None, None))  # an empty SYNC packet starts nothing
+    feed(sink, mfd, packet(4, 5, 0x1000, 0x5000))
+    feed(sink, main, RamMultifdFlush(30, 2), EndOfState(40))
+    fields = close(sink, main, "eof_both")
+    assert fields["rounds"] == 2
+    assert [r.normal for r in sink.view.rounds] == [128, 5]
+    assert fields["ram_zero_pages"] == 20
+
+
+def test_multifd_and_main_pages_share_one_round() -> None:
+    """7.2-9.x: zero pages on main, normal pages on multifd, in the same pass."""
+    sink = ProgressSink(1)
+    main, mfd = channel(0), channel(1, "multifd")
+    sink.on_channel(main)
+    sink.on_channel(mfd)
+    feed(sink, main, StreamHeader(0, 0x5145564D, 3))
+    feed(sink, mfd, packet(1, 10, 0, 0x9000))  # multifd speaks first
+    feed(sink, main, pages(1, zero=50), pages(2, zero=3))
+    feed(sink, mfd, packet(2, 2, 0x20000, 0x21000))
+    fields = close(sink, main, "eof_both")
+    assert fields["rounds"] == 2
+    assert [(r.normal, r.zero) for r in sink.view.rounds] == [(10, 50), (2, 3)]
