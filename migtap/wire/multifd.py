@@ -27,7 +27,8 @@ from typing import Final, assert_never
 
 from typing_extensions import Buffer
 
-from migtap.errors import StreamError, TruncatedStream, UnsupportedStream
+from migtap.errors import StreamError, UnsupportedStream
+from migtap.wire.framing import FramedParser
 
 MULTIFD_MAGIC: Final = 0x11223344
 MULTIFD_VERSION: Final = 1
@@ -141,8 +142,10 @@ def _cstring(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
 
 
-class MultifdParser:
+class MultifdParser(FramedParser[MultifdEvent, _State]):
     """Parse one multifd channel: ``feed(data) -> events``, ``feed_eof() -> events``."""
+
+    NAME = "multifd"
 
     def __init__(self, page_size: int = 4096) -> None:
         if (
@@ -157,78 +160,22 @@ class MultifdParser:
         self.page_count = MULTIFD_PACKET_SIZE // page_size
         self.ram_header_size = MULTIFD_RAM_HDR_FIXED + 8 * self.page_count
         self.stats = MultifdStats()
-        self._state = _State.INIT
-        self._buf = bytearray()
-        self._offset = 0  # absolute offset of the next byte to consume
-        self._record_offset = 0  # where the record being read started
+        super().__init__(_State.INIT, _State.EOF, _State.ERROR)
         self._remaining = 0  # payload bytes still to skip
-        self._error: StreamError | None = None
 
-    @property
-    def offset(self) -> int:
-        return self._offset
-
-    @property
-    def state(self) -> str:
-        return self._state.value
-
-    def feed(self, data: Buffer) -> list[MultifdEvent]:
-        self._check_usable()
-        view = memoryview(data).cast("B")
-        events: list[MultifdEvent] = []
-        pos, end = 0, len(view)
-        try:
-            while pos < end:
-                pos = self._step(view, pos, events)
-        except StreamError as exc:
-            self._state, self._error = _State.ERROR, exc
-            raise
-        finally:
-            view.release()
-        return events
-
-    def feed_eof(self) -> list[MultifdEvent]:
-        self._check_usable()
-        state = self._state
-        at_boundary = state is _State.PACKET_HEADER and not self._buf
-        empty = state is _State.INIT and self._offset == 0
-        self._state = _State.EOF
-        if at_boundary or empty:
-            return []
+    def _unfinished(self, state: _State) -> str | None:
+        if (state is _State.PACKET_HEADER and not self._buf) or (
+            state is _State.INIT and self._offset == 0
+        ):
+            return None
         if state is _State.PAYLOAD:
             what = f"{self._remaining} more payload bytes of the packet at {self._record_offset}"
         else:
             what = f"the rest of the {state.value} at {self._record_offset}"
-        exc = TruncatedStream(
-            f"multifd channel ended inside a record: expected {what}",
-            offset=self._offset,
-            state=state.value,
-        )
-        self._state, self._error = _State.ERROR, exc
-        raise exc
+        return f"multifd channel ended inside a record: expected {what}"
 
-    # -- helpers ---------------------------------------------------------------------------------
-
-    def _check_usable(self) -> None:
-        if self._state is _State.ERROR:
-            assert self._error is not None
-            raise StreamError(
-                f"multifd parser stopped by an earlier error: {self._error}",
-                offset=self._offset,
-                state=_State.ERROR.value,
-            ) from self._error
-        if self._state is _State.EOF:
-            raise StreamError(
-                "multifd parser fed after EOF", offset=self._offset, state=_State.EOF.value
-            )
-
-    def _fill(self, view: memoryview, pos: int, size: int) -> int:
-        """Copy up to ``size - len(buf)`` bytes into the header buffer; return the new pos."""
-        take = min(size - len(self._buf), len(view) - pos)
-        self._buf += view[pos : pos + take]
-        self._offset += take
-        self.stats.bytes += take
-        return pos + take
+    def _consumed(self, n: int) -> None:
+        self.stats.bytes += n
 
     def _error_at(self, message: str, at: int, cls: type[StreamError] = StreamError) -> StreamError:
         return cls(message, offset=at, state=self._state.value)

@@ -18,7 +18,8 @@ from typing import Final, assert_never
 
 from typing_extensions import Buffer
 
-from migtap.errors import StreamError, TruncatedStream, UnsupportedStream
+from migtap.errors import StreamError, UnsupportedStream
+from migtap.wire.framing import FramedParser
 
 MIG_RP_HEADER_SIZE: Final = 4
 MIG_RP_MAX_PAYLOAD: Final = 512  # max_len in source_return_path_thread
@@ -143,84 +144,29 @@ def _cstr(payload: bytes, at: int) -> tuple[str, int] | None:
     return payload[at + 1 : end].decode("utf-8", "backslashreplace"), end
 
 
-class ReturnPathParser:
+class ReturnPathParser(FramedParser[ReturnPathEvent, _State]):
     """Parse dst->src return-path bytes: ``feed(data) -> events``, ``feed_eof() -> events``."""
 
+    NAME = "return-path"
+
     def __init__(self) -> None:
-        self._state = _State.HEADER
-        self._buf = bytearray()
-        self._offset = 0  # absolute offset of the next byte to consume
-        self._record_offset = 0  # start of the message being read
+        super().__init__(_State.HEADER, _State.EOF, _State.ERROR)
         self._msg_type = 0
         self._msg_len = 0
         self._remaining = 0  # bitmap bytes still to skip
         self._bitmap_block = ""
         self._last_block: str | None = None
-        self._error: StreamError | None = None
         self.messages = 0
         self.bitmap_bytes = 0
 
-    @property
-    def offset(self) -> int:
-        return self._offset
-
-    @property
-    def state(self) -> str:
-        return self._state.value
-
-    def feed(self, data: Buffer) -> list[ReturnPathEvent]:
-        self._check_usable()
-        view = memoryview(data).cast("B")
-        events: list[ReturnPathEvent] = []
-        pos, end = 0, len(view)
-        try:
-            while pos < end:
-                pos = self._step(view, pos, events)
-        except StreamError as exc:
-            self._state, self._error = _State.ERROR, exc
-            raise
-        finally:
-            view.release()
-        return events
-
-    def feed_eof(self) -> list[ReturnPathEvent]:
-        self._check_usable()
-        state = self._state
-        self._state = _State.EOF
+    def _unfinished(self, state: _State) -> str | None:
         if state is _State.HEADER and not self._buf:
-            return []
+            return None
         if state is _State.BITMAP:
             what = f"{self._remaining} more bitmap bytes"
         else:
             what = f"the rest of the {state.value}"
-        exc = TruncatedStream(
-            f"return path ended inside the message at {self._record_offset}: expected {what}",
-            offset=self._offset,
-            state=state.value,
-        )
-        self._state, self._error = _State.ERROR, exc
-        raise exc
-
-    # -- helpers ---------------------------------------------------------------------------------
-
-    def _check_usable(self) -> None:
-        if self._state is _State.ERROR:
-            assert self._error is not None
-            raise StreamError(
-                f"return-path parser stopped by an earlier error: {self._error}",
-                offset=self._offset,
-                state=_State.ERROR.value,
-            ) from self._error
-        if self._state is _State.EOF:
-            raise StreamError(
-                "return-path parser fed after EOF", offset=self._offset, state=_State.EOF.value
-            )
-
-    def _fill(self, view: memoryview, pos: int, size: int) -> int:
-        take = min(size - len(self._buf), len(view) - pos)
-        self._buf += view[pos : pos + take]
-        self._offset += take
-        return pos + take
+        return f"return path ended inside the message at {self._record_offset}: expected {what}"
 
     def _error_at(
         self, message: str, cls: type[StreamError] = StreamError, at: int | None = None
