@@ -14,7 +14,7 @@ import structlog
 
 from migtap.errors import RelayError
 from migtap.relay.pipe import Direction, Pipe, Tuning
-from migtap.relay.session import Session, SessionRegistry, host_of
+from migtap.relay.session import Session, SessionRegistry, fmt_addr, host_of
 from migtap.tap import SessionTap, TapSettings
 
 if TYPE_CHECKING:
@@ -85,7 +85,7 @@ class Relay:
             self._tg.create_task(self._tick())
         log.info(
             "listening",
-            listen=[_fmt(s.getsockname()) for s in self._server.sockets],
+            listen=[fmt_addr(s.getsockname()) for s in self._server.sockets],
             forward=str(self.config.forward),
             loop=type(loop).__module__.split(".")[0],
         )
@@ -172,7 +172,7 @@ class Relay:
             return True
         log.warning(
             "connection_refused",
-            source=_fmt(peer),
+            source=fmt_addr(peer),
             allow=[str(n) for n in self.config.allow],
             action="reset; add --allow for this source if it should migrate through migtap",
         )
@@ -209,7 +209,7 @@ class Relay:
                 log.warning(
                     "upstream_connect_failed",
                     pipe=pipe.pipe_id,
-                    source=_fmt(pipe.source),
+                    source=fmt_addr(pipe.source),
                     forward=str(fwd),
                     error=reason,
                     action="source connection reset so its migration fails now",
@@ -224,8 +224,8 @@ class Relay:
         log.debug(
             "pipe_opened",
             pipe=pipe.pipe_id,
-            source=_fmt(pipe.source),
-            destination=_fmt(pipe.destination),
+            source=fmt_addr(pipe.source),
+            destination=fmt_addr(pipe.destination),
         )
 
     def _pipe_closed(self, pipe: Pipe) -> None:
@@ -259,13 +259,6 @@ class Relay:
             outcome=summary.outcome if summary is not None else None,
         )
         self.sessions_ended.append(session)
-
-
-def _fmt(addr: object) -> str | None:
-    if not isinstance(addr, tuple) or len(addr) < 2:
-        return None
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
 __all__ = ["Direction", "Relay"]

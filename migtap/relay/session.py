@@ -38,6 +38,7 @@ class Channel:
     pending: list[tuple[Direction, int, bytes]] = field(default_factory=list)
     pending_bytes: int = 0
     tap: ChannelTap | None = None
+    session_tap: SessionTap | None = None  # the tap of the session this channel joined
     uuid: bytes | None = None  # a multifd channel's source VM UUID
     waiting: bool = False  # a multifd channel waiting for the main channel with its UUID
 
@@ -81,8 +82,9 @@ def host_of(peer: tuple[object, ...] | None) -> str:
     return str(peer[0]) if peer else "?"
 
 
-def _fmt(addr: tuple[object, ...] | None) -> str | None:
-    if not addr or len(addr) < 2:
+def fmt_addr(addr: object) -> str | None:
+    """A socket address as a person types it: ``host:port`` or ``[v6]:port``."""
+    if not isinstance(addr, tuple) or len(addr) < 2:
         return None
     host, port = addr[0], addr[1]
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
@@ -149,9 +151,8 @@ class SessionRegistry:
             return
         tap = channel.tap
         if tap is not None:
-            session = self._session_of[pipe.pipe_id]
-            assert session.tap is not None
-            session.tap.on_chunk(tap, direction, offset, chunk)
+            assert channel.session_tap is not None
+            channel.session_tap.on_chunk(tap, direction, offset, chunk)
             return
         if channel.kind is not None and not channel.waiting:
             return  # classified, but its session has no tap
@@ -255,11 +256,12 @@ class SessionRegistry:
                 index=index,
                 pipe_id=pipe.pipe_id,
                 kind=kind.value,
-                source=_fmt(pipe.source),
-                destination=_fmt(pipe.destination),
+                source=fmt_addr(pipe.source),
+                destination=fmt_addr(pipe.destination),
                 started_wall=pipe.started_wall,
             )
             channel.tap = session.tap.add_channel(info, kind)
+            channel.session_tap = session.tap
             pending, channel.pending, channel.pending_bytes = channel.pending, [], 0
             for direction, offset, chunk in pending:
                 session.tap.on_chunk(channel.tap, direction, offset, chunk)
