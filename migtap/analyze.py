@@ -21,6 +21,7 @@ from migtap.annotate.walk import decode_section
 from migtap.errors import MigtapError, StreamError
 from migtap.wire import events as ev
 from migtap.wire.constants import SECTION_FOOTER_SIZE, SectionType
+from migtap.wire.generation import GenerationTracker
 from migtap.wire.stream import StreamParser
 
 if TYPE_CHECKING:
@@ -91,6 +92,7 @@ class Analysis:
     error: StreamError | None = None
     ram: RamStats | None = None
     length: int = 0
+    generation: GenerationTracker = field(default_factory=GenerationTracker)
 
 
 class _Collector:
@@ -109,6 +111,7 @@ class _Collector:
 
     def _one(self, e: ev.Event) -> None:  # noqa: C901 - one branch per event kind
         a = self.a
+        a.generation.observe(e)
         if isinstance(e, ev.SectionHeader):
             row = _Row(e.offset, _SHORT_KIND.get(e.kind, e.kind.name), e.section_id, e.idstr,
                        e.instance_id, e.version_id)  # fmt: skip
@@ -183,6 +186,13 @@ def _fmt(v: int | None, hexa: bool = False) -> str:
     if v is None:
         return "-"
     return f"{v:#x}" if hexa else str(v)
+
+
+def write_origin(a: Analysis, out: TextIO) -> None:
+    """One line: which QEMU wrote the stream, as far as the stream shows, and why."""
+    est = a.generation.source
+    signs = "; ".join(e.sign for e in est.evidence) or "no version signs"
+    out.write(f"source QEMU: {est.text()} ({signs})\n")
 
 
 def write_sections(a: Analysis, out: TextIO) -> None:
@@ -286,10 +296,12 @@ def _render(a: Analysis, dumps: list[str], args: argparse.Namespace, out: TextIO
             err: TextIO) -> dict[str, Any]:  # fmt: skip
     doc: dict[str, Any] = {"file": str(args.file), "length": a.length}
     doc["error"] = _error_json(a.error) if a.error is not None else None
+    doc["qemu"] = {"machine_type": a.generation.machine_type, **a.generation.source.as_dict()}
     for what in dumps:
         if what == "sections":
             doc["sections"] = [asdict(r) for r in a.rows]
             if not args.json:
+                write_origin(a, out)
                 write_sections(a, out)
         elif what == "ram" and a.ram is not None:
             doc["ram"] = {

@@ -232,6 +232,7 @@ class SessionTap:
             ended_wall=time.time(),
             channels=[t.info for t in self.channels],
             fields=fields,
+            details={"qemu": self.progress.generation_details()},
         )
         # Annotate first (it adds its counts to the summary), then the progress line, then the
         # capture, which writes session.json with everything.

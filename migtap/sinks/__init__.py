@@ -45,6 +45,8 @@ class SessionSummary:
     ended_wall: float
     channels: list[ChannelInfo]
     fields: dict[str, object] = field(default_factory=dict)  # the migration_summary log fields
+    # Facts too long for the summary line, kept in session.json (``qemu``: the version evidence).
+    details: dict[str, object] = field(default_factory=dict)
 
 
 class Throttle(Protocol):

@@ -559,6 +559,7 @@ class CaptureSink:
             "started": _iso(summary.started_wall),
             "ended": _iso(summary.ended_wall),
             "fields": _jsonable(summary.fields),
+            "details": _jsonable(summary.details),
         }
         with self._cond:
             self._ops.append(_Op(""))  # stop sentinel
@@ -783,6 +784,7 @@ class CaptureSink:
             "session_started": self._summary.get("started"),
             "session_ended": self._summary.get("ended"),
             "summary": self._summary.get("fields", {}),
+            "qemu": self._summary.get("details", {}).get("qemu"),
             "capture_ram": self.capture_ram,
             "page_size": self.page_size,
             "complete": self.complete,

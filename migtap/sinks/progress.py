@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from migtap.relay.pipe import Direction
 from migtap.wire.constants import SectionType
 from migtap.wire.events import (
     Configuration,
@@ -38,13 +39,13 @@ from migtap.wire.events import (
     StreamHeader,
     VmDescription,
 )
+from migtap.wire.generation import GenerationTracker
 from migtap.wire.multifd import MultifdInit, MultifdPacket
 from migtap.wire.return_path import RpShut
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from migtap.relay.pipe import Direction
     from migtap.sinks import ChannelInfo, SessionSummary
 
 log = structlog.get_logger("migtap.progress")
@@ -145,6 +146,7 @@ class ProgressSink:
         self._flush_pending = False  # a MULTIFD_FLUSH (8.1+: a pass over RAM ended) not yet used
         self._adopt = False  # the current round was started by multifd pages, not the parser
         self._last_bytes: dict[int, int] = {}
+        self.generation = GenerationTracker()
         self._handlers: dict[type, Callable[[ChannelInfo, object], None]] = {
             StreamHeader: self._on_header,
             Configuration: self._on_configuration,
@@ -175,6 +177,16 @@ class ProgressSink:
         handler = self._handlers.get(type(event))
         if handler is not None:
             handler(channel, event)
+        from_source = direction is Direction.SRC_TO_DST
+        if self.generation.observe(event, from_source=from_source):
+            estimate = self.generation.source if from_source else self.generation.destination
+            self.log.info(
+                "qemu_generation_inferred",
+                side="source" if from_source else "destination",
+                qemu=estimate.text(),
+                sign=estimate.evidence[-1].sign,
+                machine_type=self.generation.machine_type,
+            )
 
     def on_channel_closed(self, channel: ChannelInfo) -> None:
         pass
@@ -269,11 +281,21 @@ class ProgressSink:
             "channels": len(self.channels),
             "channel_kinds": [c.kind for c in self.channels],
             "machine_type": v.machine_type,
+            "source_qemu": self.generation.source.text(),
+            "destination_qemu": self.generation.destination.text(),
             "last_phase": v.phase,
             "last_section": None if v.last_section is None else v.last_section.as_dict(),
             "device_sections": v.device_sections,
             "vmdesc": v.vmdesc,
             "capture_dir": capture_dir,
+        }
+
+    def generation_details(self) -> dict[str, object]:
+        """The version ranges with their evidence, for session.json."""
+        return {
+            "machine_type": self.generation.machine_type,
+            "source": self.generation.source.as_dict(),
+            "destination": self.generation.destination.as_dict(),
         }
 
     # -- event handlers ----------------------------------------------------------------------

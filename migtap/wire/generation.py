@@ -1,0 +1,271 @@
+"""Which QEMU wrote a stream: a version range worked out from what the stream shows.
+
+A stream names no QEMU version. But the configuration record names the machine type, and a
+QEMU runs no machine type newer than itself (``pc-q35-10.0`` means 10.0 or newer); and some
+records exist only from, or only until, a known release (reference §8). Each such sign narrows
+a ``[min, max]`` range and is kept as evidence, so a user can see why migtap says "7.2 to 8.1".
+
+``GenerationTracker`` is sans-IO: feed it the parser's events with the side that sent them
+(the source writes the main and multifd channels, the destination the return path). It only
+reads events; a sign it does not know changes nothing. The bounds are lower and upper bounds on
+the *release* (major.minor); distribution backports are not modelled.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from migtap.wire.constants import MigCmd
+from migtap.wire.events import (
+    Command,
+    Configuration,
+    RamMultifdFlush,
+    RamPages,
+    SectionHeader,
+    VmDescription,
+)
+from migtap.wire.multifd import MultifdDeviceState, MultifdPacket
+from migtap.wire.return_path import RpSwitchoverAck
+
+Version = tuple[int, int]
+
+# A versioned machine type ends in "-MAJOR.MINOR": pc-i440fx-7.2, pc-q35-10.0, virt-9.2,
+# pseries-8.0, s390-ccw-virtio-10.0. Aliases ("pc", "q35") are resolved before they are sent.
+_MACHINE_VERSION: Final = re.compile(r"-(\d{1,3})\.(\d{1,3})$")
+
+
+def fmt_version(v: Version) -> str:
+    return f"{v[0]}.{v[1]}"
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """One sign in the stream and the bound it sets (reference section in ``why``)."""
+
+    offset: int  # stream offset of the record that showed it (on its channel and direction)
+    sign: str  # what was seen, e.g. "machine type pc-q35-10.0"
+    min: Version | None = None
+    max: Version | None = None
+    why: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"sign": self.sign, "offset": self.offset}
+        if self.min is not None:
+            out["min"] = fmt_version(self.min)
+        if self.max is not None:
+            out["max"] = fmt_version(self.max)
+        if self.why:
+            out["why"] = self.why
+        return out
+
+
+@dataclass(slots=True)
+class Estimate:
+    """The version range of one side's QEMU, and what it rests on."""
+
+    min: Version | None = None
+    max: Version | None = None
+    evidence: list[Evidence] = field(default_factory=list)
+
+    @property
+    def consistent(self) -> bool:
+        return self.min is None or self.max is None or self.min <= self.max
+
+    def text(self) -> str:
+        """ "10.0 or newer", "7.2 to 8.1", "9.0 or older", "8.2", "unknown" or "inconsistent"."""
+        lo, hi = self.min, self.max
+        if not self.consistent:
+            return "inconsistent"
+        if lo is None and hi is None:
+            return "unknown"
+        if hi is None:
+            assert lo is not None
+            return f"{fmt_version(lo)} or newer"
+        if lo is None:
+            return f"{fmt_version(hi)} or older"
+        if lo == hi:
+            return fmt_version(lo)
+        return f"{fmt_version(lo)} to {fmt_version(hi)}"
+
+    def add(self, evidence: Evidence) -> bool:
+        """Record a sign; True if it narrowed the range (first sign of its kind only)."""
+        if any(e.sign == evidence.sign for e in self.evidence):
+            return False
+        self.evidence.append(evidence)
+        before = (self.min, self.max)
+        if evidence.min is not None and (self.min is None or evidence.min > self.min):
+            self.min = evidence.min
+        if evidence.max is not None and (self.max is None or evidence.max < self.max):
+            self.max = evidence.max
+        return (self.min, self.max) != before
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "qemu": self.text(),
+            "min": None if self.min is None else fmt_version(self.min),
+            "max": None if self.max is None else fmt_version(self.max),
+            "evidence": [e.as_dict() for e in self.evidence],
+        }
+
+
+class GenerationTracker:
+    """Narrows the source's and the destination's QEMU version from events (module docstring).
+
+    ``observe(event, from_source=...)`` returns True when an estimate changed, so a caller can
+    log the new range once per change rather than per event.
+    """
+
+    def __init__(self) -> None:
+        self.source = Estimate()
+        self.destination = Estimate()
+        self.machine_type: str | None = None
+        self._has_configuration = False
+
+    def observe(self, event: object, *, from_source: bool = True) -> bool:  # noqa: C901, PLR0911, PLR0912 - one branch per sign reads best
+        if not from_source:
+            if isinstance(event, RpSwitchoverAck):
+                return self.destination.add(
+                    Evidence(
+                        event.offset,
+                        "return path SWITCHOVER_ACK",
+                        min=(8, 1),
+                        why="switchover-ack capability (reference §6.2)",
+                    )
+                )
+            return False
+        src = self.source
+        if isinstance(event, RamPages):
+            if event.compressed:
+                return src.add(
+                    Evidence(
+                        event.offset,
+                        "COMPRESS_PAGE records",
+                        max=(9, 0),
+                        why="the compress capability was removed in 9.1 (reference §8)",
+                    )
+                )
+            return False
+        if isinstance(event, MultifdPacket):
+            if event.zero_pages:
+                return src.add(
+                    Evidence(
+                        event.offset,
+                        "zero pages inside multifd packets",
+                        min=(9, 0),
+                        why="multifd zero-page detection (reference §5.2)",
+                    )
+                )
+            if event.sync and event.normal_pages:
+                return src.add(
+                    Evidence(
+                        event.offset,
+                        "multifd SYNC packet carrying pages",
+                        max=(8, 2),
+                        why="SYNC packets are header-only from 9.0 (reference §5.5)",
+                    )
+                )
+            return False
+        if isinstance(event, MultifdDeviceState):
+            return src.add(
+                Evidence(event.offset, "multifd device-state packet", min=(10, 0), why="§5.3")
+            )
+        if isinstance(event, RamMultifdFlush):
+            return src.add(
+                Evidence(
+                    event.offset,
+                    "RAM MULTIFD_FLUSH record",
+                    min=(8, 1),
+                    why="per-round multifd sync marker (reference §3.2, §8)",
+                )
+            )
+        if isinstance(event, Command) and event.cmd == MigCmd.MIG_CMD_SWITCHOVER_START:
+            return src.add(
+                Evidence(
+                    event.offset,
+                    "SWITCHOVER_START command",
+                    min=(10, 0),
+                    why="send-switchover-start (reference §1.2, §8)",
+                )
+            )
+        if isinstance(event, SectionHeader) and event.idstr == "block":
+            return src.add(
+                Evidence(
+                    event.offset,
+                    "block migration section",
+                    max=(9, 0),
+                    why="block migration was removed in 9.1 (reference §8)",
+                )
+            )
+        if isinstance(event, Configuration):
+            return self._on_configuration(event)
+        if isinstance(event, VmDescription):
+            return self._on_vmdesc(event)
+        return False
+
+    def _on_configuration(self, event: Configuration) -> bool:
+        self._has_configuration = True
+        self.machine_type = event.machine_type
+        changed = False
+        m = _MACHINE_VERSION.search(event.machine_type)
+        if m is not None:
+            changed |= self.source.add(
+                Evidence(
+                    event.offset,
+                    f"machine type {event.machine_type}",
+                    min=(int(m[1]), int(m[2])),
+                    why="a QEMU runs no machine type newer than itself",
+                )
+            )
+        if event.capabilities and "mapped-ram" in event.capabilities:
+            changed |= self.source.add(
+                Evidence(event.offset, "mapped-ram capability", min=(9, 0), why="§2.3")
+            )
+        return changed
+
+    def _on_vmdesc(self, event: VmDescription) -> bool:
+        desc = event.desc
+        changed = False
+        if "configuration" in desc:
+            changed |= self.source.add(
+                Evidence(
+                    event.offset,
+                    "vmdesc describes the configuration",
+                    min=(8, 2),
+                    why="the vmdesc writer starts at the header from 8.2 (reference §4.1)",
+                )
+            )
+        elif self._has_configuration:
+            changed |= self.source.add(
+                Evidence(
+                    event.offset,
+                    "configuration record sent but not described in the vmdesc",
+                    max=(8, 1),
+                    why="8.2+ describes the configuration in the vmdesc (reference §4.1)",
+                )
+            )
+        if _has_field_type(desc.get("devices"), "nullptr"):
+            changed |= self.source.add(
+                Evidence(
+                    event.offset,
+                    'vmdesc field of type "nullptr"',
+                    min=(10, 0),
+                    why="null-pointer markers are described as such from 10.0 (reference §4.2)",
+                )
+            )
+        return changed
+
+
+def _has_field_type(node: object, wanted: str) -> bool:
+    """Whether any field anywhere in a vmdesc (sub)tree has ``"type": wanted``."""
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if item.get("type") == wanted and "name" in item:
+                return True
+            stack.extend(v for v in item.values() if isinstance(v, dict | list))
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
