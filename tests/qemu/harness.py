@@ -335,13 +335,21 @@ async def vm_pair(
         await dst.stop()
 
 
-def rich_devices(disk: Path) -> list[str]:
-    """A network card of each common kind, a virtio disk on ``disk`` (qcow2) and a USB tablet."""
+def rich_devices(disk: Path, *, slirps: int = 2) -> list[str]:
+    """A network card of each common kind, a virtio disk on ``disk`` (qcow2) and a USB tablet.
+
+    Each card gets a user-mode (slirp) backend while ``slirps`` lasts; the others have none.
+    Across 7.2 and 10.0 only one slirp backend migrates: 7.2 gives every ``slirp`` section
+    instance 0, 10.0 numbers them 0, 1, ..., and a 7.2 destination rejects ``slirp`` 1.
+    """
+    nics = []
+    for n, model in enumerate(("virtio-net-pci", "e1000")):
+        if n < slirps:
+            nics += ["-netdev", f"user,id=n{n}", "-device", f"{model},netdev=n{n}"]
+        else:
+            nics += ["-device", model]
     return [
-        "-netdev", "user,id=n0",
-        "-device", "virtio-net-pci,netdev=n0",
-        "-netdev", "user,id=n1",
-        "-device", "e1000,netdev=n1",
+        *nics,
         "-drive", f"file={disk},if=none,id=d0,format=qcow2",
         "-device", "virtio-blk-pci,drive=d0",
         "-device", "qemu-xhci,id=xhci",

@@ -7,15 +7,25 @@ QEMU 10.0 comes from a minimal trixie tree that scripts/qemu10.sh builds once in
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.qemu.harness import HOST_QEMU, Qemu, Vm, vm_pair
-from tests.qemu.test_relay_migrations import assert_pages_match, migrate_through_relay, summary
+from migtap.annotate.vmsd import VmDescription
+from migtap.tap import TapSettings
+from tests.qemu.harness import HOST_QEMU, Qemu, Vm, make_qcow2, rich_devices, vm_pair
+from tests.qemu.test_relay_migrations import (
+    ONE_LOOP,
+    assert_pages_match,
+    migrate_through_relay,
+    summary,
+)
+from tests.qemu.test_tap import capture_dir, only, tap_migration
 
 pytestmark = pytest.mark.qemu10
 
@@ -103,3 +113,167 @@ async def test_cross_version_pc_i440fx_7_2(
     m = assert_pages_match(info, logs)
     assert m["vmdesc"] is True
     assert m["devices_failed"] == 0
+
+
+@ONE_LOOP
+async def test_xbzrle_10_to_10(tmp_path: Path, make_relay: Any, qemu10: Qemu) -> None:
+    async with vm_pair(tmp_path, random_mib=8, src_qemu=qemu10, dst_qemu=qemu10) as pair:
+        info, logs = await migrate_through_relay(pair, make_relay, caps={"xbzrle": True})
+    m = assert_pages_match(info, logs)
+    assert m["ram_xbzrle_pages"] <= info["xbzrle-cache"]["pages"]
+    assert m["source_qemu"] == "10.0 or newer"
+
+
+@ONE_LOOP
+async def test_postcopy_10_to_10_annotated_with_an_earlier_vmdesc(
+    tmp_path: Path, make_relay: Any, qemu10: Qemu
+) -> None:
+    """10.0 sends no vmdesc in postcopy; one from a precopy capture of the same machine decodes
+    the device state inside the PACKAGED blob, live."""
+    first = tmp_path / "precopy"
+    first.mkdir()
+    async with vm_pair(first, src_qemu=qemu10, dst_qemu=qemu10) as pair:
+        await tap_migration(pair, make_relay, TapSettings(capture_dir=first / "captures"))
+    vmdesc = VmDescription.from_json((capture_dir(first / "captures") / "vmdesc.json").read_bytes())
+    root = tmp_path / "captures"
+    async with vm_pair(
+        tmp_path, mem_mib=128, random_mib=64, src_qemu=qemu10, dst_qemu=qemu10
+    ) as pair:
+        # Slow precopy, so that the switch to postcopy happens before it converges.
+        info, logs = await tap_migration(
+            pair,
+            make_relay,
+            TapSettings(capture_dir=root, vmdesc=vmdesc),
+            caps={"postcopy-ram": True},
+            params={"max_bandwidth": 64 * 1024 * 1024},
+            postcopy=True,
+        )
+        await pair.assert_ram_identical()
+    m = assert_pages_match(info, logs)
+    assert m["vmdesc"] is False  # postcopy sends none
+    assert any(e["event"] == "migration_phase" and e["phase"] == "postcopy" for e in logs)
+    assert [e["value"] for e in logs if e["event"] == "destination_shut"] == [0]
+    assert m["devices_decoded"] > 10
+    assert m["devices_failed"] == 0
+    assert only(logs, "device_state_annotated")["vmdesc"] == "--vmdesc"
+
+
+async def _rich_q35(
+    tmp_path: Path,
+    make_relay: Any,
+    *,
+    machine: str,
+    src: Qemu,
+    dst: Qemu,
+    caps: dict[str, bool],
+    slirps: int = 2,
+) -> tuple[dict[str, Any], list[dict[str, Any]], Path]:
+    """A device-rich q35 migration through migtap with a capture; RAM and the annotated log
+    (every vmdesc device decoded) checked. Returns query-migrate, the logs, the capture dir."""
+    disks = [make_qcow2(tmp_path / f"{name}.qcow2") for name in ("src", "dst")]
+    root = tmp_path / "captures"
+    async with vm_pair(
+        tmp_path,
+        machine=machine,
+        random_mib=16,
+        src_extra=rich_devices(disks[0], slirps=slirps),
+        dst_extra=rich_devices(disks[1], slirps=slirps),
+        src_qemu=src,
+        dst_qemu=dst,
+    ) as pair:
+        info, logs = await tap_migration(pair, make_relay, TapSettings(capture_dir=root), caps=caps)
+        await pair.assert_ram_identical()
+    d = capture_dir(root)
+    desc = VmDescription.from_json((d / "vmdesc.json").read_bytes())
+    short = {dev.name.rsplit("/", 1)[-1] for dev in desc.devices}
+    assert {"virtio-net", "e1000", "virtio-blk", "xhci", "usb-ptr", "ICH9LPC"} <= short
+    records = [json.loads(line) for line in (d / "annotated.jsonl").read_text().splitlines()]
+    assert {(r["idstr"], r["instance_id"]) for r in records} == {
+        (dev.name, dev.instance_id) for dev in desc.devices
+    }
+    assert all(r["decoded"] for r in records), [r for r in records if not r["decoded"]]
+    m = assert_pages_match(info, logs)
+    assert m["devices_failed"] == 0
+    return info, logs, d
+
+
+def analyze_state(capture: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "migtap", "analyze", str(capture / "src-to-dst.bin"),
+         "--dump", "state"],
+        capture_output=True, text=True, check=False, timeout=120,
+    )  # fmt: skip
+
+
+@ONE_LOOP
+async def test_device_rich_q35_10_to_10_with_switchover_ack(
+    tmp_path: Path, make_relay: Any, qemu10: Qemu
+) -> None:
+    """10.0's own q35 with the return path and switchover-ack: SWITCHOVER_START goes one way,
+    SWITCHOVER_ACK the other, and the vmdesc describes the configuration."""
+    _, logs, d = await _rich_q35(
+        tmp_path,
+        make_relay,
+        machine="q35",
+        src=qemu10,
+        dst=qemu10,
+        caps={"return-path": True, "switchover-ack": True},
+    )
+    m = only(logs, "migration_summary")
+    assert m["machine_type"] == "pc-q35-10.0"
+    assert m["source_qemu"] == "10.0 or newer"
+    assert m["destination_qemu"] == "8.1 or newer"
+    assert [e["value"] for e in logs if e["event"] == "destination_shut"] == [0]
+    index = [json.loads(line) for line in (d / "events.jsonl").read_text().splitlines()]
+    kinds = [(e.get("dir"), e["kind"], e.get("cmd")) for e in index]
+    assert ("src-to-dst", "command", "MIG_CMD_SWITCHOVER_START") in kinds
+    assert ("dst-to-src", "rp_switchover_ack", None) in kinds
+    # SWITCHOVER_START comes before the VM stops: before the first END/FULL section.
+    switch = next(e["offset"] for e in index if e.get("cmd") == "MIG_CMD_SWITCHOVER_START")
+    eof = next(e["offset"] for e in index if e["kind"] == "end_of_state")
+    assert switch < eof
+    desc = VmDescription.from_json((d / "vmdesc.json").read_bytes())
+    assert desc.configuration is not None
+    session = json.loads((d / "session.json").read_text())
+    assert session["qemu"]["machine_type"] == "pc-q35-10.0"
+    assert session["qemu"]["source"]["min"] == "10.0"
+    signs = {e["sign"] for e in session["qemu"]["source"]["evidence"]}
+    assert {"machine type pc-q35-10.0", "SWITCHOVER_START command"} <= signs
+    inferred = [e for e in logs if e["event"] == "qemu_generation_inferred"]
+    assert inferred[0]["side"] == "source"
+    assert inferred[0]["qemu"] == "10.0 or newer"
+    # Offline: every device decodes with the stream's own vmdesc, ending on its footer.
+    done = analyze_state(d)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    state = json.loads(done.stdout)
+    assert "configuration" not in state  # as analyze-migration.py -d state: devices and ram
+    assert len(state) == len(desc.devices) + 1
+
+
+@ONE_LOOP
+@pytest.mark.parametrize("direction", ["7.2-to-10.0", "10.0-to-7.2"])
+async def test_cross_version_device_rich_pc_q35_7_2(
+    tmp_path: Path, make_relay: Any, qemu10: Qemu, direction: str
+) -> None:
+    src, dst = (HOST_QEMU, qemu10) if direction == "7.2-to-10.0" else (qemu10, HOST_QEMU)
+    # One slirp backend only: two do not migrate from 10.0 to 7.2 (see rich_devices).
+    _, logs, d = await _rich_q35(
+        tmp_path,
+        make_relay,
+        machine="pc-q35-7.2",
+        src=src,
+        dst=dst,
+        caps={"return-path": True},
+        slirps=1,
+    )
+    m = only(logs, "migration_summary")
+    assert m["machine_type"] == "pc-q35-7.2"
+    assert [e["value"] for e in logs if e["event"] == "destination_shut"] == [0]
+    # What the stream shows of its writer: a 10.0 source on a 7.2 machine type still describes
+    # the configuration in its vmdesc (8.2+); a 7.2 source does not (so at most 8.1).
+    expected = "7.2 to 8.1" if direction == "7.2-to-10.0" else "8.2 or newer"
+    assert m["source_qemu"] == expected
+    done = analyze_state(d)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
