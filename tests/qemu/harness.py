@@ -274,7 +274,9 @@ class Pair:
         for vm in (self.src, self.dst):
             await vm.set_capabilities(**caps)
         src_params = {"max_bandwidth": 8 * 1024 * MiB, "downtime_limit": 300, **params}
-        dst_only = {k: v for k, v in params.items() if k == "multifd_channels"}
+        dst_only = {
+            k: v for k, v in params.items() if k in ("multifd_channels", "multifd_compression")
+        }
         await self.src.set_parameters(**src_params)
         await self.dst.set_parameters(**dst_only)
         # Port 0: QEMU binds and tells us the port, so no "find a free port, then bind" race.

@@ -277,3 +277,21 @@ async def test_cross_version_device_rich_pc_q35_7_2(
     done = analyze_state(d)
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
+
+
+@ONE_LOOP
+@pytest.mark.parametrize("method", ["zlib", "zstd"])
+async def test_multifd_compression_10_to_10(
+    tmp_path: Path, make_relay: Any, qemu10: Qemu, method: str
+) -> None:
+    """Compressed multifd packets: the page counts come from the packet headers."""
+    async with vm_pair(tmp_path, random_mib=16, src_qemu=qemu10, dst_qemu=qemu10) as pair:
+        info, logs = await migrate_through_relay(
+            pair,
+            make_relay,
+            caps={"multifd": True},
+            params={"multifd_channels": 2, "multifd_compression": method},
+        )
+    assert sorted(summary(logs)["channels"]) == ["main", "multifd", "multifd"]
+    assert info["ram"]["normal"] >= 16 * 256
+    assert_pages_match(info, logs, multifd=True)
