@@ -97,6 +97,7 @@ class MigrationView:
     normal: int = 0
     zero: int = 0
     xbzrle: int = 0
+    compressed: int = 0  # COMPRESS_PAGE records (7.2-9.0 multi-thread compression)
     rounds: list[Round] = field(default_factory=list)
     stopped_at: float | None = None  # first section sent with the VM stopped
     eof_at: float | None = None
@@ -277,6 +278,7 @@ class ProgressSink:
             "ram_normal_pages_resent": v.resent,
             "ram_zero_pages": v.zero,
             "ram_xbzrle_pages": v.xbzrle,
+            "ram_compressed_pages": v.compressed,
             "wire_downtime_ms": v.wire_downtime_ms(),
             "channels": len(self.channels),
             "channel_kinds": [c.kind for c in self.channels],
@@ -335,6 +337,7 @@ class ProgressSink:
         v.normal += event.normal
         v.zero += event.zero
         v.xbzrle += event.xbzrle
+        v.compressed += event.compressed
         rnd.normal += event.normal
         rnd.zero += event.zero
         rnd.xbzrle += event.xbzrle

@@ -8,6 +8,14 @@ when its position (block index in MEM_SIZE order, then offset in the block) is n
 previous page record's position, or when it is the first page after a ``MULTIFD_FLUSH``
 (8.1+ writes one at every scan wrap). Postcopy page requests also move the position back, so
 rounds in the postcopy phase are approximate; dirty-bitmap syncs are not on the wire at all.
+
+Multi-thread compression (7.2-9.0) writes a thread's records only when that thread is given
+new work, so a slow page can come hundreds of pages late (400 seen on 7.2) within its round
+(QEMU flushes every thread at a scan wrap, so never across rounds). Once a COMPRESS_PAGE record
+has been seen, a step back by less than ``COMPRESS_REORDER_PAGES`` pages and less than an eighth
+of RAM from the furthest position is taken as a late record, not a new round. So with
+compression, rounds are approximate: a new round that starts close behind where the last one
+ended is missed, and late zero pages before the first compressed page can look like rounds.
 """
 
 from __future__ import annotations
@@ -97,6 +105,9 @@ class _Block:
         self.base = base  # position of the block's first byte in the concatenation of blocks
 
 
+COMPRESS_REORDER_PAGES: Final = 4096  # 16 MiB at 4 KiB pages
+
+
 class RamReader:
     """RAM record state that lives for the whole migration (CONTINUE crosses sections)."""
 
@@ -108,6 +119,7 @@ class RamReader:
         self._last: _Block | None = None  # last block named on this channel
         self._last_pos = -1  # linear position of the last page record
         self._flush_seen = False
+        self._reorder = 0  # bytes of position a record may step back within a round
         self.skip = 0  # payload bytes of the last record still to come
         self.section_id = 0
 
@@ -135,6 +147,7 @@ class RamReader:
         blocks = self.blocks
         cur = self._last
         last_pos = self._last_pos
+        reorder = self._reorder
         stats = self.stats
         rnd = len(stats.rounds)
         # the open run
@@ -206,10 +219,19 @@ class RamReader:
                                 base + pos + hl,
                             )
                         hl += 4
+                        reorder = min(COMPRESS_REORDER_PAGES * ps, self._next_base // 8)
                     # the record header is complete: account for it
                     cur = blk
                     lin = blk.base + off
-                    if lin <= last_pos or self._flush_seen or rnd == 0:
+                    if (
+                        lin <= last_pos
+                        and reorder
+                        and rnd
+                        and not self._flush_seen
+                        and last_pos - lin < reorder
+                    ):
+                        lin = last_pos  # a compression thread's late record: same round
+                    elif lin <= last_pos or self._flush_seen or rnd == 0:
                         self._flush_seen = False
                         if run_blk is not None:
                             self._flush_run(
@@ -294,6 +316,7 @@ class RamReader:
             b.pos = pos
             self._last = cur
             self._last_pos = last_pos
+            self._reorder = reorder
             if run_blk is not None:
                 self._flush_run(
                     out,

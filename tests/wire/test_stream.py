@@ -413,6 +413,52 @@ def test_rounds_position_rule() -> None:
     assert [r.zero_pages for r in parser.ram_stats.rounds] == [2, 2, 1]
 
 
+def test_rounds_with_compression_threads_allow_late_records() -> None:
+    """7.2's compression threads write records late; a step back by less than an eighth of RAM
+    (here 8 of 64 pages) after a COMPRESS_PAGE is a late record, further back a new round."""
+    page = 4096
+    recs = [
+        s.page(0, "pc.ram"),
+        s.compressed(1 * page),
+        s.zero(4 * page),
+        s.compressed(2 * page),  # late: 2 pages behind the furthest (4)
+        s.zero(3 * page),  # late too
+        s.zero(40 * page),
+        s.compressed(35 * page),  # 5 behind: late
+        s.zero(20 * page),  # 20 behind: a new round
+        s.zero(21 * page),
+    ]
+    data = (
+        s.header()
+        + s.ram_start(2, [("pc.ram", 64 * page)])
+        + s.ram_section(SectionType.QEMU_VM_SECTION_END, 2, recs)
+        + s.eof()
+    )
+    parser = StreamParser()
+    parser.feed(data)
+    parser.feed_eof()
+    rounds = parser.ram_stats.rounds
+    assert [(r.normal_pages, r.compressed_pages, r.zero_pages) for r in rounds] == [
+        (1, 3, 3),
+        (0, 0, 2),
+    ]
+
+
+def test_without_compression_every_step_back_is_a_round() -> None:
+    page = 4096
+    recs = [s.zero(4 * page, "pc.ram"), s.zero(3 * page), s.zero(2 * page)]
+    data = (
+        s.header()
+        + s.ram_start(2, [("pc.ram", 64 * page)])
+        + s.ram_section(SectionType.QEMU_VM_SECTION_END, 2, recs)
+        + s.eof()
+    )
+    parser = StreamParser()
+    parser.feed(data)
+    parser.feed_eof()
+    assert len(parser.ram_stats.rounds) == 3
+
+
 def test_page_payloads_are_not_buffered() -> None:
     pages = [s.page(i * 4096, "pc.ram" if i == 0 else None) for i in range(16)]
     data = (
