@@ -197,10 +197,10 @@ async def _rich_q35(
     return info, logs, d
 
 
-def analyze_state(capture: Path) -> subprocess.CompletedProcess[str]:
+def analyze(capture: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``migtap analyze`` on a capture's main channel, as a user runs it."""
     return subprocess.run(
-        [sys.executable, "-m", "migtap", "analyze", str(capture / "src-to-dst.bin"),
-         "--dump", "state"],
+        [sys.executable, "-m", "migtap", "analyze", str(capture / "src-to-dst.bin"), *args],
         capture_output=True, text=True, check=False, timeout=120,
     )  # fmt: skip
 
@@ -243,12 +243,21 @@ async def test_device_rich_q35_10_to_10_with_switchover_ack(
     assert inferred[0]["side"] == "source"
     assert inferred[0]["qemu"] == "10.0 or newer"
     # Offline: every device decodes with the stream's own vmdesc, ending on its footer.
-    done = analyze_state(d)
+    done = analyze(d, "--dump", "state")
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     state = json.loads(done.stdout)
     assert "configuration" not in state  # as analyze-migration.py -d state: devices and ram
     assert len(state) == len(desc.devices) + 1
+    table = analyze(d, "--json")
+    assert table.returncode == 0, table.stderr
+    doc = json.loads(table.stdout)
+    assert doc["error"] is None
+    assert doc["qemu"]["qemu"] == "10.0 or newer"
+    assert doc["qemu"]["machine_type"] == "pc-q35-10.0"
+    commands = [r["name"] for r in doc["sections"] if r["type"] == "COMMAND"]
+    assert commands[0] == "OPEN_RETURN_PATH"
+    assert "SWITCHOVER_START" in commands
 
 
 @ONE_LOOP
@@ -274,7 +283,7 @@ async def test_cross_version_device_rich_pc_q35_7_2(
     # the configuration in its vmdesc (8.2+); a 7.2 source does not (so at most 8.1).
     expected = "7.2 to 8.1" if direction == "7.2-to-10.0" else "8.2 or newer"
     assert m["source_qemu"] == expected
-    done = analyze_state(d)
+    done = analyze(d, "--dump", "state")
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
 
