@@ -22,6 +22,7 @@ from migtap.sinks import ChannelInfo, SessionSummary, Sink, Throttle
 from migtap.sinks.progress import ProgressSink
 from migtap.wire.channel import ChannelKind
 from migtap.wire.multifd import MultifdParser
+from migtap.wire.preempt import PROBE_BYTES, PreemptParser, looks_like_preempt
 from migtap.wire.return_path import ReturnPathParser
 from migtap.wire.stream import StreamParser
 
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("migtap.tap")
 
-Parser = StreamParser | MultifdParser | ReturnPathParser
+Parser = StreamParser | MultifdParser | ReturnPathParser | PreemptParser
 TAIL_BYTES = 64  # how much of the main stream we keep to show where a destination gave up
 
 
@@ -50,7 +51,7 @@ class TapSettings:
 class ChannelTap:
     """The parsers of one connection, one per direction."""
 
-    __slots__ = ("d2s", "failed", "info", "s2d", "tail")
+    __slots__ = ("d2s", "failed", "info", "probe", "s2d", "tail")
 
     def __init__(self, info: ChannelInfo, kind: ChannelKind, page_size: int) -> None:
         self.info = info
@@ -58,6 +59,9 @@ class ChannelTap:
         self.d2s: Parser | None = None
         self.failed = False
         self.tail = b""
+        # A header-less channel: its first bytes are kept until they tell whether it is a
+        # postcopy-preempt channel (then parsed) or not (then only relayed and captured).
+        self.probe: bytearray | None = bytearray() if kind is ChannelKind.UNKNOWN else None
         if kind is ChannelKind.MAIN:
             self.s2d = StreamParser(page_size=page_size)
             self.d2s = ReturnPathParser()
@@ -125,7 +129,7 @@ class SessionTap:
         tap = ChannelTap(info, kind, self.settings.page_size)
         self.channels.append(tap)
         self._each_sink(lambda s: s.on_channel(info))
-        if tap.s2d is None and kind is not ChannelKind.MULTIFD:
+        if tap.s2d is None and tap.probe is None and kind is not ChannelKind.MULTIFD:
             self.log.info(
                 "channel_not_parsed",
                 ch=info.index,
@@ -133,9 +137,37 @@ class SessionTap:
                 reason={
                     ChannelKind.TLS: "TLS: encrypted, passed through",
                     ChannelKind.HTTP: "an HTTP request, not QEMU: passed through",
-                }.get(kind, "not a main or multifd channel (postcopy preempt?): passed through"),
+                }.get(kind, "not a main or multifd channel: passed through"),
             )
         return tap
+
+    def _probe(self, tap: ChannelTap, chunk: bytes) -> bytes | None:
+        """A header-less channel's first bytes: None while undecided; once it is a
+        postcopy-preempt channel, every byte so far (to parse); ``b""`` if it is not one."""
+        probe = tap.probe
+        assert probe is not None
+        head = bytes(probe) + chunk
+        main = next((t.s2d for t in self.channels if isinstance(t.s2d, StreamParser)), None)
+        blocks = main.ram_blocks if main is not None else ()
+        verdict = looks_like_preempt(head, [b.idstr for b in blocks])
+        if verdict is None:
+            probe += chunk[: PROBE_BYTES - len(probe)]
+            return None
+        tap.probe = None
+        info = tap.info
+        if not verdict:
+            self.log.info(
+                "channel_not_parsed",
+                ch=info.index,
+                kind=info.kind,
+                reason="neither a main, multifd nor postcopy-preempt channel: passed through",
+                first_bytes_hex=head[:16].hex(),
+            )
+            return b""
+        info.kind = "postcopy-preempt"
+        tap.s2d = PreemptParser(self.settings.page_size, blocks)
+        self.log.info("channel_identified", ch=info.index, kind=info.kind)
+        return head
 
     def on_chunk(self, tap: ChannelTap, direction: Direction, offset: int, chunk: bytes) -> None:
         info = tap.info
@@ -146,14 +178,17 @@ class SessionTap:
                 tap.tail = (tap.tail + chunk[-TAIL_BYTES:])[-TAIL_BYTES:]
         else:
             info.bytes_dst_to_src = offset + len(chunk)
+        data: bytes | None = chunk
+        if tap.probe is not None and s2d:
+            data = self._probe(tap, chunk)  # may rename the channel before the capture sees it
         for sink in self.chunk_sinks:
             try:
                 sink.on_chunk(info, direction, offset, chunk)
             except Exception as exc:  # noqa: BLE001 - a sink must never break the relay
                 self._sink_failed(sink, exc)
         parser = tap.s2d if s2d else tap.d2s
-        if parser is not None:
-            self._parse(tap, direction, parser, chunk)
+        if parser is not None and data:
+            self._parse(tap, direction, parser, data)
 
     def _parse(
         self, tap: ChannelTap, direction: Direction, parser: Parser, chunk: bytes | None
@@ -206,6 +241,17 @@ class SessionTap:
         info.close_reason = close_reason
         info.first_closed = first_closed
         info.reset_by = reset_by
+        if tap.probe is not None:
+            tap.probe = None
+            self.log.info(
+                "channel_not_parsed",
+                ch=info.index,
+                kind=info.kind,
+                reason="closed before its first bytes told what it carries"
+                if info.bytes_src_to_dst
+                else "closed without sending a byte",
+                bytes=info.bytes_src_to_dst,
+            )
         for direction, parser in ((Direction.SRC_TO_DST, tap.s2d), (Direction.DST_TO_SRC, tap.d2s)):
             if parser is not None:
                 self._parse(tap, direction, parser, None)

@@ -2,10 +2,10 @@
 
 Mutates real QEMU 7.2 stream slices (shared/reference/fixtures-qemu-7.2) and synthetic streams
 from tests/streams.py (byte flips, inserts, deletes, splices, truncations), feeds each result in
-random chunk sizes to the main-stream, multifd and return-path parsers and to the device-state
-decoder, and fails on any other exception or on a parser buffer above its cap. Uses atheris
-(coverage-guided) when it is installed and ``--atheris`` is given; otherwise a seeded random
-mutator, so a run can be replayed with ``--seed``.
+random chunk sizes to the main-stream, multifd, return-path and postcopy-preempt parsers and
+to the device-state decoder, and fails on any other exception or on a parser buffer above its
+cap. Uses atheris (coverage-guided) when it is installed and ``--atheris`` is given; otherwise a
+seeded random mutator, so a run can be replayed with ``--seed``.
 
     .venv/bin/python scripts/fuzz_parser.py --seconds 600
 """
@@ -25,11 +25,13 @@ sys.path.insert(0, str(ROOT))
 from migtap.annotate.vmsd import VmDescription  # noqa: E402
 from migtap.annotate.walk import decode_section  # noqa: E402
 from migtap.errors import StreamError  # noqa: E402
+from migtap.wire.events import RamBlock  # noqa: E402
 from migtap.wire.multifd import MultifdParser  # noqa: E402
+from migtap.wire.preempt import PreemptParser, looks_like_preempt  # noqa: E402
 from migtap.wire.return_path import ReturnPathParser  # noqa: E402
 from migtap.wire.stream import StreamParser  # noqa: E402
 from tests.fixtures import fixture  # noqa: E402
-from tests.streams import sample_stream  # noqa: E402
+from tests.streams import eos, page, sample_stream, zero  # noqa: E402
 
 MAX_BUFFERED = 32 * 1024 * 1024  # far above every cap; a parser keeping more is a bug
 
@@ -42,7 +44,12 @@ def corpus() -> list[tuple[str, bytes]]:
         "postcopy.returnpath.bin",
         "precopy-rp.returnpath.bin",
     )
-    return [("sample", sample_stream().data)] + [(n, fixture(n).read_bytes()) for n in names]
+    preempt = page(0x3F000, "pc.ram") + zero(0x40000) + page(0x1000, "pc.bios") + eos()
+    return [
+        ("sample", sample_stream().data),
+        ("preempt", preempt),
+        *((n, fixture(n).read_bytes()) for n in names),
+    ]
 
 
 def mutate(rng: random.Random, data: bytes, donors: list[bytes]) -> bytes:
@@ -75,9 +82,11 @@ def held_bytes(parser: object) -> int:
     return held + len(getattr(inner, "_pending", b"") or b"")
 
 
-def feed(
-    parser: StreamParser | MultifdParser | ReturnPathParser, data: bytes, rng: random.Random
-) -> None:
+BLOCKS = (RamBlock("pc.ram", 128 << 20), RamBlock("pc.bios", 256 << 10))
+Parser = StreamParser | MultifdParser | ReturnPathParser | PreemptParser
+
+
+def feed(parser: Parser, data: bytes, rng: random.Random) -> None:
     pos = 0
     try:
         while pos < len(data):
@@ -95,6 +104,8 @@ def feed(
 def one(data: bytes, rng: random.Random, desc: VmDescription) -> None:
     for make in (StreamParser, MultifdParser, ReturnPathParser):
         feed(make(), data, rng)
+    feed(PreemptParser(4096, BLOCKS), data, rng)
+    looks_like_preempt(data, [b.idstr for b in BLOCKS])
     device = rng.choice(desc.devices)
     with contextlib.suppress(StreamError):
         decode_section(device, data[rng.randrange(len(data) + 1) :])

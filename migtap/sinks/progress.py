@@ -41,7 +41,7 @@ from migtap.wire.events import (
 )
 from migtap.wire.generation import GenerationTracker
 from migtap.wire.multifd import MultifdInit, MultifdPacket
-from migtap.wire.return_path import RpShut
+from migtap.wire.return_path import RpReqPages, RpReqPagesId, RpShut
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -98,6 +98,8 @@ class MigrationView:
     zero: int = 0
     xbzrle: int = 0
     compressed: int = 0  # COMPRESS_PAGE records (7.2-9.0 multi-thread compression)
+    preempt: int = 0  # pages (normal and zero) on the postcopy-preempt channel
+    page_requests: int = 0  # postcopy: the destination's page requests (return path)
     rounds: list[Round] = field(default_factory=list)
     stopped_at: float | None = None  # first section sent with the VM stopped
     eof_at: float | None = None
@@ -163,6 +165,8 @@ class ProgressSink:
             MultifdPacket: self._on_multifd_packet,
             MultifdInit: self._on_multifd_init,
             RpShut: self._on_shut,
+            RpReqPages: self._on_page_request,
+            RpReqPagesId: self._on_page_request,
         }
 
     # -- Sink protocol ------------------------------------------------------------------------
@@ -279,6 +283,8 @@ class ProgressSink:
             "ram_zero_pages": v.zero,
             "ram_xbzrle_pages": v.xbzrle,
             "ram_compressed_pages": v.compressed,
+            "ram_preempt_pages": v.preempt,
+            "postcopy_requests": v.page_requests,
             "wire_downtime_ms": v.wire_downtime_ms(),
             "channels": len(self.channels),
             "channel_kinds": [c.kind for c in self.channels],
@@ -329,7 +335,13 @@ class ProgressSink:
         assert isinstance(event, RamPages)
         v = self.view
         rnd = v.round
-        if rnd is None or event.round > self._parser_round:
+        if channel.kind != "main":
+            # Postcopy-preempt: requested pages, in the order asked for; they belong to the
+            # main channel's current round.
+            v.preempt += event.normal + event.zero
+            if rnd is None:
+                rnd = self._new_round()
+        elif rnd is None or event.round > self._parser_round:
             self._parser_round = event.round
             if rnd is None or not self._adopt:
                 rnd = self._new_round()
@@ -454,6 +466,9 @@ class ProgressSink:
         recent[num] = (block, first, last)
         if len(recent) > 1024:  # channels interleave only within a few packets
             del recent[next(iter(recent))]
+
+    def _on_page_request(self, channel: ChannelInfo, event: object) -> None:
+        self.view.page_requests += 1
 
     def _on_shut(self, channel: ChannelInfo, event: object) -> None:
         assert isinstance(event, RpShut)

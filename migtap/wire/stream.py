@@ -190,6 +190,8 @@ class StreamParser:
         self._mem_total = 0
         self._mem_sum = 0
         self._mem_blocks: list[RamBlock] = []
+        #: The last complete MEM_SIZE block list (the postcopy-preempt channel refers to it).
+        self.ram_blocks: tuple[RamBlock, ...] = ()
         self._config: dict[str, object] = {}
         self._vmdesc = bytearray()
         self._vmdesc_left = 0
@@ -719,6 +721,7 @@ class StreamParser:
 
     def _end_block_list(self, out: list[Event]) -> None:
         blocks = tuple(self._mem_blocks)
+        self.ram_blocks = blocks
         out.append(RamBlockList(self._rec_offset, self._cur_id, self._mem_total, blocks))
         self._state = State.RAM
 

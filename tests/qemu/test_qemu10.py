@@ -7,6 +7,7 @@ QEMU 10.0 comes from a minimal trixie tree that scripts/qemu10.sh builds once in
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -15,10 +16,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from migtap.annotate.vmsd import VmDescription
 from migtap.tap import TapSettings
-from tests.qemu.harness import HOST_QEMU, Qemu, Vm, make_qcow2, rich_devices, vm_pair
+from tests.qemu.harness import (
+    HOST_QEMU,
+    MiB,
+    Qemu,
+    Vm,
+    make_qcow2,
+    rich_devices,
+    vm_pair,
+    wait_migration,
+)
 from tests.qemu.test_relay_migrations import (
     ONE_LOOP,
     assert_pages_match,
@@ -304,3 +315,51 @@ async def test_multifd_compression_10_to_10(
     assert sorted(summary(logs)["channels"]) == ["main", "multifd", "multifd"]
     assert info["ram"]["normal"] >= 16 * 256
     assert_pages_match(info, logs, multifd=True)
+
+
+@ONE_LOOP
+@pytest.mark.parametrize("version", ["7.2", "10.0"])
+async def test_postcopy_preempt_requested_pages(
+    tmp_path: Path, make_relay: Any, qemu10: Qemu, version: str
+) -> None:
+    """Postcopy with ``postcopy-preempt``: the destination reads guest RAM that has not arrived,
+    asks for those pages on the return path, and the source sends them on the preempt channel.
+    migtap finds that header-less channel, and counts its pages and the requests as QEMU does."""
+    qemu = HOST_QEMU if version == "7.2" else qemu10
+    root = tmp_path / "captures"
+    async with vm_pair(tmp_path, mem_mib=128, random_mib=64, src_qemu=qemu, dst_qemu=qemu) as pair:
+        await pair.configure(
+            {"postcopy-ram": True, "postcopy-preempt": True},
+            {"max_postcopy_bandwidth": 16 * MiB},  # about 4 s of background transfer
+        )
+        with capture_logs() as logs:
+            settings = TapSettings(capture_dir=root, progress_interval_s=0.2)
+            async with make_relay(pair.dst_port, tap=settings) as relay:
+                await pair.src.cmd("migrate", uri=f"tcp:127.0.0.1:{relay.port}")
+                await pair.src.cmd("migrate-start-postcopy")
+                await wait_migration(
+                    pair.dst, timeout_s=30, statuses={"postcopy-active", "completed", "failed"}
+                )
+                # The last 16 MiB of random RAM, which the background transfer reaches last.
+                await pair.dst.cmd(
+                    "pmemsave", val=0x1000000 + 48 * MiB, size=16 * MiB,
+                    filename=str(tmp_path / "touched.ram"),
+                )  # fmt: skip
+                info = await wait_migration(pair.src, timeout_s=60)
+                assert info["status"] == "completed", info
+                loaded = await wait_migration(pair.dst, timeout_s=30, statuses={"completed"})
+                assert loaded["status"] == "completed"
+                async with asyncio.timeout(15):
+                    while not relay.sessions_ended:
+                        await asyncio.sleep(0.02)
+        await pair.assert_ram_identical()
+    assert info["ram"]["postcopy-requests"] > 0, info
+    m = assert_pages_match(info, logs)
+    assert m["postcopy_requests"] == info["ram"]["postcopy-requests"]
+    assert m["ram_preempt_pages"] > 0
+    assert m["channel_kinds"] == ["main", "postcopy-preempt"]
+    assert only(logs, "channel_identified")["kind"] == "postcopy-preempt"
+    assert [e["value"] for e in logs if e["event"] == "destination_shut"] == [0]
+    session = json.loads((capture_dir(root) / "session.json").read_text())
+    assert [c["kind"] for c in session["channels"]] == ["main", "postcopy-preempt"]
+    assert session["channels"][1]["parse_error"] is None

@@ -155,3 +155,43 @@ async def test_multifd_channels_join_the_session_with_their_uuid() -> None:
         by_session.setdefault(e["session"], []).append(e["pipe"])
     # pipes 1-3 are vm0 (main, mfd, mfd), 4-6 vm1
     assert sorted(sorted(p) for p in by_session.values()) == [[1, 2, 3], [4, 5, 6]]
+
+
+async def test_postcopy_preempt_channel_is_found_and_parsed() -> None:
+    """A header-less second connection that starts with a page record naming a block of the
+    main channel's RAM list is the postcopy-preempt channel: parsed, its pages counted."""
+    from migtap.wire.constants import SectionType
+    from tests import streams as s
+
+    blocks = [("pc.ram", 64 * 4096)]
+    main = s.header() + s.configuration() + s.ram_start(2, blocks)
+    main += s.ram_section(SectionType.QEMU_VM_SECTION_PART, 2, [s.page(0, "pc.ram")])
+    preempt = s.page(40 * 4096, "pc.ram") + s.zero(8 * 4096) + s.page(9 * 4096) + s.eos()
+    with capture_logs() as logs:
+        async with fake_destination(sink_handler) as (port, got), tap_relay(port) as relay:
+            _, w_main = await asyncio.open_connection("127.0.0.1", relay.port)
+            w_main.write(main)
+            await w_main.drain()
+            await asyncio.sleep(0.1)
+            _, w_pre = await asyncio.open_connection("127.0.0.1", relay.port)
+            for i in range(0, len(preempt), 5):  # a few bytes at a time: the probe waits
+                w_pre.write(preempt[i : i + 5])
+                await w_pre.drain()
+            await asyncio.sleep(0.1)
+            for w in (w_pre, w_main):
+                w.write_eof()
+            await asyncio.sleep(0.1)
+            for w in (w_pre, w_main):
+                w.close()
+            async with asyncio.timeout(10):
+                while not relay.sessions_ended:
+                    await asyncio.sleep(0.01)
+    assert [bytes(c.data) for c in got] == [main, preempt]
+    (identified,) = [e for e in logs if e["event"] == "channel_identified"]
+    assert identified["kind"] == "postcopy-preempt"
+    (summary,) = [e for e in logs if e["event"] == "migration_summary"]
+    assert summary["channel_kinds"] == ["main", "postcopy-preempt"]
+    assert summary["ram_preempt_pages"] == 3
+    assert summary["ram_normal_pages"] == 3  # one on main, two on the preempt channel
+    assert summary["ram_zero_pages"] == 1
+    assert not [e for e in logs if e["event"] in ("parser_detached", "parser_crashed")]
