@@ -146,7 +146,7 @@ class SessionTap:
         postcopy-preempt channel, every byte so far (to parse); ``b""`` if it is not one."""
         probe = tap.probe
         assert probe is not None
-        head = bytes(probe) + chunk
+        head = bytes(probe) + chunk[:PROBE_BYTES]
         main = next((t.s2d for t in self.channels if isinstance(t.s2d, StreamParser)), None)
         blocks = main.ram_blocks if main is not None else ()
         verdict = looks_like_preempt(head, [b.idstr for b in blocks])
@@ -165,9 +165,10 @@ class SessionTap:
             )
             return b""
         info.kind = "postcopy-preempt"
-        tap.s2d = PreemptParser(self.settings.page_size, blocks)
+        page_size = main.page_size if main is not None else self.settings.page_size
+        tap.s2d = PreemptParser(page_size, blocks)
         self.log.info("channel_identified", ch=info.index, kind=info.kind)
-        return head
+        return bytes(probe) + chunk
 
     def on_chunk(self, tap: ChannelTap, direction: Direction, offset: int, chunk: bytes) -> None:
         info = tap.info
