@@ -110,6 +110,93 @@ class Estimate:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class _Sign:
+    """A kind of record that only some releases write."""
+
+    sign: str
+    min: Version | None = None
+    max: Version | None = None
+    why: str = ""
+
+    def at(self, offset: int) -> Evidence:
+        return Evidence(offset, self.sign, self.min, self.max, self.why)
+
+
+_SWITCHOVER_ACK: Final = _Sign(
+    "return path SWITCHOVER_ACK", min=(8, 1), why="switchover-ack capability (reference §6.2)"
+)
+_COMPRESSED: Final = _Sign(
+    "COMPRESS_PAGE records",
+    max=(9, 0),
+    why="the compress capability was removed in 9.1 (reference §8)",
+)
+_MULTIFD_ZERO: Final = _Sign(
+    "zero pages inside multifd packets",
+    min=(9, 0),
+    why="multifd zero-page detection (reference §5.2)",
+)
+_SYNC_WITH_PAGES: Final = _Sign(
+    "multifd SYNC packet carrying pages",
+    max=(8, 2),
+    why="SYNC packets are header-only from 9.0 (reference §5.5)",
+)
+_DEVICE_STATE: Final = _Sign(
+    "multifd device-state packet", min=(10, 0), why="VFIO state over multifd (reference §5.3)"
+)
+_FLUSH: Final = _Sign(
+    "RAM MULTIFD_FLUSH record",
+    min=(8, 1),
+    why="per-round multifd sync marker (reference §3.2, §8)",
+)
+_SWITCHOVER_START: Final = _Sign(
+    "SWITCHOVER_START command", min=(10, 0), why="send-switchover-start (reference §1.2, §8)"
+)
+_BLOCK: Final = _Sign(
+    "block migration section",
+    max=(9, 0),
+    why="block migration was removed in 9.1 (reference §8)",
+)
+
+_MAPPED_RAM: Final = _Sign(
+    "mapped-ram capability", min=(9, 0), why="a validated capability from 9.0 (reference §2.3)"
+)
+_VMDESC_CONFIGURATION: Final = _Sign(
+    "vmdesc describes the configuration",
+    min=(8, 2),
+    why="the vmdesc writer starts at the header from 8.2 (reference §4.1)",
+)
+_VMDESC_NO_CONFIGURATION: Final = _Sign(
+    "configuration record sent but not described in the vmdesc",
+    max=(8, 1),
+    why="8.2+ describes the configuration in the vmdesc (reference §4.1)",
+)
+_NULLPTR: Final = _Sign(
+    'vmdesc field of type "nullptr"',
+    min=(10, 0),
+    why="null-pointer markers are described as such from 10.0 (reference §4.2)",
+)
+
+
+def _record_sign(event: object) -> _Sign | None:  # noqa: PLR0911 - one return per sign
+    """The version sign a source-side record is, if any."""
+    if isinstance(event, RamPages):
+        return _COMPRESSED if event.compressed else None
+    if isinstance(event, MultifdPacket):
+        if event.zero_pages:
+            return _MULTIFD_ZERO
+        return _SYNC_WITH_PAGES if event.sync and event.normal_pages else None
+    if isinstance(event, MultifdDeviceState):
+        return _DEVICE_STATE
+    if isinstance(event, RamMultifdFlush):
+        return _FLUSH
+    if isinstance(event, Command):
+        return _SWITCHOVER_START if event.cmd == MigCmd.MIG_CMD_SWITCHOVER_START else None
+    if isinstance(event, SectionHeader):
+        return _BLOCK if event.idstr == "block" else None
+    return None
+
+
 class GenerationTracker:
     """Narrows the source's and the destination's QEMU version from events (module docstring).
 
@@ -123,86 +210,17 @@ class GenerationTracker:
         self.machine_type: str | None = None
         self._has_configuration = False
 
-    def observe(self, event: object, *, from_source: bool = True) -> bool:  # noqa: C901, PLR0911, PLR0912 - one branch per sign reads best
+    def observe(self, event: object, *, from_source: bool = True) -> bool:
         if not from_source:
             if isinstance(event, RpSwitchoverAck):
-                return self.destination.add(
-                    Evidence(
-                        event.offset,
-                        "return path SWITCHOVER_ACK",
-                        min=(8, 1),
-                        why="switchover-ack capability (reference §6.2)",
-                    )
-                )
+                return self.destination.add(_SWITCHOVER_ACK.at(event.offset))
             return False
-        src = self.source
-        if isinstance(event, RamPages):
-            if event.compressed:
-                return src.add(
-                    Evidence(
-                        event.offset,
-                        "COMPRESS_PAGE records",
-                        max=(9, 0),
-                        why="the compress capability was removed in 9.1 (reference §8)",
-                    )
-                )
-            return False
-        if isinstance(event, MultifdPacket):
-            if event.zero_pages:
-                return src.add(
-                    Evidence(
-                        event.offset,
-                        "zero pages inside multifd packets",
-                        min=(9, 0),
-                        why="multifd zero-page detection (reference §5.2)",
-                    )
-                )
-            if event.sync and event.normal_pages:
-                return src.add(
-                    Evidence(
-                        event.offset,
-                        "multifd SYNC packet carrying pages",
-                        max=(8, 2),
-                        why="SYNC packets are header-only from 9.0 (reference §5.5)",
-                    )
-                )
-            return False
-        if isinstance(event, MultifdDeviceState):
-            return src.add(
-                Evidence(event.offset, "multifd device-state packet", min=(10, 0), why="§5.3")
-            )
-        if isinstance(event, RamMultifdFlush):
-            return src.add(
-                Evidence(
-                    event.offset,
-                    "RAM MULTIFD_FLUSH record",
-                    min=(8, 1),
-                    why="per-round multifd sync marker (reference §3.2, §8)",
-                )
-            )
-        if isinstance(event, Command) and event.cmd == MigCmd.MIG_CMD_SWITCHOVER_START:
-            return src.add(
-                Evidence(
-                    event.offset,
-                    "SWITCHOVER_START command",
-                    min=(10, 0),
-                    why="send-switchover-start (reference §1.2, §8)",
-                )
-            )
-        if isinstance(event, SectionHeader) and event.idstr == "block":
-            return src.add(
-                Evidence(
-                    event.offset,
-                    "block migration section",
-                    max=(9, 0),
-                    why="block migration was removed in 9.1 (reference §8)",
-                )
-            )
         if isinstance(event, Configuration):
             return self._on_configuration(event)
         if isinstance(event, VmDescription):
             return self._on_vmdesc(event)
-        return False
+        sign = _record_sign(event)
+        return sign is not None and self.source.add(sign.at(getattr(event, "offset", 0)))
 
     def _on_configuration(self, event: Configuration) -> bool:
         self._has_configuration = True
@@ -219,41 +237,18 @@ class GenerationTracker:
                 )
             )
         if event.capabilities and "mapped-ram" in event.capabilities:
-            changed |= self.source.add(
-                Evidence(event.offset, "mapped-ram capability", min=(9, 0), why="§2.3")
-            )
+            changed |= self.source.add(_MAPPED_RAM.at(event.offset))
         return changed
 
     def _on_vmdesc(self, event: VmDescription) -> bool:
         desc = event.desc
         changed = False
         if "configuration" in desc:
-            changed |= self.source.add(
-                Evidence(
-                    event.offset,
-                    "vmdesc describes the configuration",
-                    min=(8, 2),
-                    why="the vmdesc writer starts at the header from 8.2 (reference §4.1)",
-                )
-            )
+            changed |= self.source.add(_VMDESC_CONFIGURATION.at(event.offset))
         elif self._has_configuration:
-            changed |= self.source.add(
-                Evidence(
-                    event.offset,
-                    "configuration record sent but not described in the vmdesc",
-                    max=(8, 1),
-                    why="8.2+ describes the configuration in the vmdesc (reference §4.1)",
-                )
-            )
+            changed |= self.source.add(_VMDESC_NO_CONFIGURATION.at(event.offset))
         if _has_field_type(desc.get("devices"), "nullptr"):
-            changed |= self.source.add(
-                Evidence(
-                    event.offset,
-                    'vmdesc field of type "nullptr"',
-                    min=(10, 0),
-                    why="null-pointer markers are described as such from 10.0 (reference §4.2)",
-                )
-            )
+            changed |= self.source.add(_NULLPTR.at(event.offset))
         return changed
 
 

@@ -25,8 +25,6 @@ from tests.qemu.harness import (
     MiB,
     Qemu,
     Vm,
-    make_qcow2,
-    rich_devices,
     vm_pair,
     wait_migration,
 )
@@ -36,7 +34,7 @@ from tests.qemu.test_relay_migrations import (
     migrate_through_relay,
     summary,
 )
-from tests.qemu.test_tap import capture_dir, only, tap_migration
+from tests.qemu.test_tap import capture_dir, only, rich_q35_migration, tap_migration
 
 pytestmark = pytest.mark.qemu10
 
@@ -169,51 +167,16 @@ async def test_postcopy_10_to_10_annotated_with_an_earlier_vmdesc(
     assert only(logs, "device_state_annotated")["vmdesc"] == "--vmdesc"
 
 
-async def _rich_q35(
-    tmp_path: Path,
-    make_relay: Any,
-    *,
-    machine: str,
-    src: Qemu,
-    dst: Qemu,
-    caps: dict[str, bool],
-    slirps: int = 2,
-) -> tuple[dict[str, Any], list[dict[str, Any]], Path]:
-    """A device-rich q35 migration through migtap with a capture; RAM and the annotated log
-    (every vmdesc device decoded) checked. Returns query-migrate, the logs, the capture dir."""
-    disks = [make_qcow2(tmp_path / f"{name}.qcow2") for name in ("src", "dst")]
-    root = tmp_path / "captures"
-    async with vm_pair(
-        tmp_path,
-        machine=machine,
-        random_mib=16,
-        src_extra=rich_devices(disks[0], slirps=slirps),
-        dst_extra=rich_devices(disks[1], slirps=slirps),
-        src_qemu=src,
-        dst_qemu=dst,
-    ) as pair:
-        info, logs = await tap_migration(pair, make_relay, TapSettings(capture_dir=root), caps=caps)
-        await pair.assert_ram_identical()
-    d = capture_dir(root)
-    desc = VmDescription.from_json((d / "vmdesc.json").read_bytes())
-    short = {dev.name.rsplit("/", 1)[-1] for dev in desc.devices}
-    assert {"virtio-net", "e1000", "virtio-blk", "xhci", "usb-ptr", "ICH9LPC"} <= short
-    records = [json.loads(line) for line in (d / "annotated.jsonl").read_text().splitlines()]
-    assert {(r["idstr"], r["instance_id"]) for r in records} == {
-        (dev.name, dev.instance_id) for dev in desc.devices
-    }
-    assert all(r["decoded"] for r in records), [r for r in records if not r["decoded"]]
-    m = assert_pages_match(info, logs)
-    assert m["devices_failed"] == 0
-    return info, logs, d
-
-
-def analyze(capture: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """``migtap analyze`` on a capture's main channel, as a user runs it."""
-    return subprocess.run(
+def analyze(capture: Path, *args: str) -> str:
+    """``migtap analyze`` on a capture's main channel, as a user runs it: its stdout, after
+    checking that it succeeded and printed nothing on stderr."""
+    done = subprocess.run(
         [sys.executable, "-m", "migtap", "analyze", str(capture / "src-to-dst.bin"), *args],
         capture_output=True, text=True, check=False, timeout=120,
     )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    return done.stdout
 
 
 @ONE_LOOP
@@ -222,7 +185,7 @@ async def test_device_rich_q35_10_to_10_with_switchover_ack(
 ) -> None:
     """10.0's own q35 with the return path and switchover-ack: SWITCHOVER_START goes one way,
     SWITCHOVER_ACK the other, and the vmdesc describes the configuration."""
-    _, logs, d = await _rich_q35(
+    _, logs, d = await rich_q35_migration(
         tmp_path,
         make_relay,
         machine="q35",
@@ -254,15 +217,10 @@ async def test_device_rich_q35_10_to_10_with_switchover_ack(
     assert inferred[0]["side"] == "source"
     assert inferred[0]["qemu"] == "10.0 or newer"
     # Offline: every device decodes with the stream's own vmdesc, ending on its footer.
-    done = analyze(d, "--dump", "state")
-    assert done.returncode == 0, done.stderr
-    assert done.stderr == ""
-    state = json.loads(done.stdout)
+    state = json.loads(analyze(d, "--dump", "state"))
     assert "configuration" not in state  # as analyze-migration.py -d state: devices and ram
     assert len(state) == len(desc.devices) + 1
-    table = analyze(d, "--json")
-    assert table.returncode == 0, table.stderr
-    doc = json.loads(table.stdout)
+    doc = json.loads(analyze(d, "--json"))
     assert doc["error"] is None
     assert doc["qemu"]["qemu"] == "10.0 or newer"
     assert doc["qemu"]["machine_type"] == "pc-q35-10.0"
@@ -278,7 +236,7 @@ async def test_cross_version_device_rich_pc_q35_7_2(
 ) -> None:
     src, dst = (HOST_QEMU, qemu10) if direction == "7.2-to-10.0" else (qemu10, HOST_QEMU)
     # One slirp backend only: two do not migrate from 10.0 to 7.2 (see rich_devices).
-    _, logs, d = await _rich_q35(
+    _, logs, d = await rich_q35_migration(
         tmp_path,
         make_relay,
         machine="pc-q35-7.2",
@@ -294,9 +252,7 @@ async def test_cross_version_device_rich_pc_q35_7_2(
     # the configuration in its vmdesc (8.2+); a 7.2 source does not (so at most 8.1).
     expected = "7.2 to 8.1" if direction == "7.2-to-10.0" else "8.2 or newer"
     assert m["source_qemu"] == expected
-    done = analyze(d, "--dump", "state")
-    assert done.returncode == 0, done.stderr
-    assert done.stderr == ""
+    assert json.loads(analyze(d, "--dump", "state"))
 
 
 @ONE_LOOP

@@ -12,7 +12,17 @@ from structlog.testing import capture_logs
 
 from migtap.annotate.vmsd import VmDescription
 from migtap.tap import TapSettings
-from tests.qemu.harness import Pair, Vm, make_qcow2, rich_devices, vm_pair, wait_migration
+from tests.qemu.harness import (
+    HOST_QEMU,
+    Pair,
+    Qemu,
+    Vm,
+    make_qcow2,
+    rich_devices,
+    vm_pair,
+    wait_migration,
+)
+from tests.qemu.test_relay_migrations import assert_pages_match
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -199,18 +209,30 @@ async def test_destination_that_fails_to_load_is_located(tmp_path: Path, make_re
     assert only(logs, "migration_summary")["outcome"] == "failed"
 
 
-@ONE_LOOP
-async def test_device_rich_q35_is_annotated_field_by_field(tmp_path: Path, make_relay: Any) -> None:
+async def rich_q35_migration(
+    tmp_path: Path,
+    make_relay: Any,
+    *,
+    machine: str = "q35",
+    src: Qemu = HOST_QEMU,
+    dst: Qemu = HOST_QEMU,
+    caps: dict[str, bool] | None = None,
+    slirps: int = 2,
+) -> tuple[dict[str, Any], list[dict[str, Any]], Path]:
+    """A device-rich q35 migration through migtap with a capture; RAM and the annotated log
+    (every vmdesc device decoded) checked. Returns query-migrate, the logs, the capture dir."""
     disks = [make_qcow2(tmp_path / f"{name}.qcow2") for name in ("src", "dst")]
     root = tmp_path / "captures"
     async with vm_pair(
         tmp_path,
-        machine="q35",
+        machine=machine,
         random_mib=16,
-        src_extra=rich_devices(disks[0]),
-        dst_extra=rich_devices(disks[1]),
+        src_extra=rich_devices(disks[0], slirps=slirps),
+        dst_extra=rich_devices(disks[1], slirps=slirps),
+        src_qemu=src,
+        dst_qemu=dst,
     ) as pair:
-        info, logs = await tap_migration(pair, make_relay, TapSettings(capture_dir=root))
+        info, logs = await tap_migration(pair, make_relay, TapSettings(capture_dir=root), caps=caps)
         await pair.assert_ram_identical()
     d = capture_dir(root)
     desc = VmDescription.from_json((d / "vmdesc.json").read_bytes())
@@ -221,7 +243,12 @@ async def test_device_rich_q35_is_annotated_field_by_field(tmp_path: Path, make_
         (dev.name, dev.instance_id) for dev in desc.devices
     }
     assert all(r["decoded"] for r in records), [r for r in records if not r["decoded"]]
-    summary = only(logs, "migration_summary")
-    assert summary["machine_type"].startswith("pc-q35-")
-    assert summary["ram_normal_pages"] == info["ram"]["normal"]
-    assert summary["devices_failed"] == 0
+    m = assert_pages_match(info, logs)
+    assert m["devices_failed"] == 0
+    assert m["machine_type"].startswith("pc-q35-")
+    return info, logs, d
+
+
+@ONE_LOOP
+async def test_device_rich_q35_is_annotated_field_by_field(tmp_path: Path, make_relay: Any) -> None:
+    await rich_q35_migration(tmp_path, make_relay)

@@ -39,6 +39,8 @@ from tests.wire.stream_helpers import Outcome, chunked, cut, parse_chunks, parse
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from migtap.wire.ram import RoundStats
+
 SAMPLE = s.sample_stream()
 DATA = SAMPLE.data
 WHOLE = parse_in_pieces(DATA, [])
@@ -413,6 +415,20 @@ def test_rounds_position_rule() -> None:
     assert [r.zero_pages for r in parser.ram_stats.rounds] == [2, 2, 1]
 
 
+def rounds_of(records: list[bytes]) -> list[RoundStats]:
+    """The rounds of a stream whose one RAM block of 64 pages gets ``records`` in an END."""
+    data = (
+        s.header()
+        + s.ram_start(2, [("pc.ram", 64 * 4096)])
+        + s.ram_section(SectionType.QEMU_VM_SECTION_END, 2, records)
+        + s.eof()
+    )
+    parser = StreamParser()
+    parser.feed(data)
+    parser.feed_eof()
+    return parser.ram_stats.rounds
+
+
 def test_rounds_with_compression_threads_allow_late_records() -> None:
     """7.2's compression threads write records late; a step back by less than an eighth of RAM
     (here 8 of 64 pages) after a COMPRESS_PAGE is a late record, further back a new round."""
@@ -428,16 +444,7 @@ def test_rounds_with_compression_threads_allow_late_records() -> None:
         s.zero(20 * page),  # 20 behind: a new round
         s.zero(21 * page),
     ]
-    data = (
-        s.header()
-        + s.ram_start(2, [("pc.ram", 64 * page)])
-        + s.ram_section(SectionType.QEMU_VM_SECTION_END, 2, recs)
-        + s.eof()
-    )
-    parser = StreamParser()
-    parser.feed(data)
-    parser.feed_eof()
-    rounds = parser.ram_stats.rounds
+    rounds = rounds_of(recs)
     assert [(r.normal_pages, r.compressed_pages, r.zero_pages) for r in rounds] == [
         (1, 3, 3),
         (0, 0, 2),
@@ -447,16 +454,7 @@ def test_rounds_with_compression_threads_allow_late_records() -> None:
 def test_without_compression_every_step_back_is_a_round() -> None:
     page = 4096
     recs = [s.zero(4 * page, "pc.ram"), s.zero(3 * page), s.zero(2 * page)]
-    data = (
-        s.header()
-        + s.ram_start(2, [("pc.ram", 64 * page)])
-        + s.ram_section(SectionType.QEMU_VM_SECTION_END, 2, recs)
-        + s.eof()
-    )
-    parser = StreamParser()
-    parser.feed(data)
-    parser.feed_eof()
-    assert len(parser.ram_stats.rounds) == 3
+    assert len(rounds_of(recs)) == 3
 
 
 def test_page_payloads_are_not_buffered() -> None:
