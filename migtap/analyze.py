@@ -279,6 +279,8 @@ def run(args: argparse.Namespace) -> int:
             page_size = ps if isinstance(ps, int) else None
         a = analyze_file(args.file, page_size=page_size or 4096, start=args.start,
                          offset=args.offset)  # fmt: skip
+        if not args.json and {"sections", "ram"} & set(dumps):  # not before JSON dumps
+            write_origin(a, out)
         doc = _render(a, dumps, args, out, err)
     except (OSError, ValueError, MigtapError) as exc:
         err.write(f"migtap analyze: {args.file}: {exc}\n")
@@ -301,7 +303,6 @@ def _render(a: Analysis, dumps: list[str], args: argparse.Namespace, out: TextIO
         if what == "sections":
             doc["sections"] = [asdict(r) for r in a.rows]
             if not args.json:
-                write_origin(a, out)
                 write_sections(a, out)
         elif what == "ram" and a.ram is not None:
             doc["ram"] = {

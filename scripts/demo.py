@@ -109,7 +109,7 @@ def show_capture(captures: Path) -> None:
         )
         for line in lines[:3]:
             print("  " + (line if len(line) < 300 else line[:297] + "..."), file=sys.stderr)
-    print(f"\ndemo: $ migtap analyze {capture / 'src-to-dst.bin'}", file=sys.stderr)
+    print(f"\ndemo: $ migtap analyze {capture / 'src-to-dst.bin'} --dump ram", file=sys.stderr)
     subprocess.run(
         [
             sys.executable,

@@ -38,6 +38,22 @@ def test_sections_and_ram_text(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "VMDESC" in out
     assert "3 rounds" in out
     assert err == ""
+    # The sample is pc-i440fx-7.2 with COMPRESS_PAGE and MULTIFD_FLUSH records (8.1 to 9.0), and
+    # a vmdesc without a configuration entry (at most 8.1).
+    assert out.splitlines()[0].startswith("source QEMU: 8.1 (machine type pc-i440fx-7.2; ")
+
+
+def test_the_origin_line_stays_out_of_json_dumps(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "sample.bin"
+    path.write_bytes(s.sample_stream().data)
+    code, out, _ = run(capsys, str(path), "--dump", "desc")
+    assert code == 0
+    assert "source QEMU" not in out
+    json.loads(out)
+    code, out, _ = run(capsys, str(path), "--json")
+    assert json.loads(out)["qemu"]["qemu"] == "8.1"
 
 
 def test_json_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
