@@ -8,6 +8,7 @@ QEMU 10.0 comes from a minimal trixie tree that scripts/qemu10.sh builds once in
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import subprocess
 import sys
@@ -94,18 +95,39 @@ async def test_precopy_10_to_10(tmp_path: Path, make_relay: Any, qemu10: Qemu) -
 
 
 async def test_multifd_4_channels_10_to_10(tmp_path: Path, make_relay: Any, qemu10: Qemu) -> None:
+    root = tmp_path / "captures"
     async with vm_pair(tmp_path, random_mib=16, src_qemu=qemu10, dst_qemu=qemu10) as pair:
-        info, logs = await migrate_through_relay(
-            pair, make_relay, caps={"multifd": True}, params={"multifd_channels": 4}
+        info, logs = await tap_migration(
+            pair,
+            make_relay,
+            TapSettings(capture_dir=root),
+            caps={"multifd": True},
+            params={"multifd_channels": 4},
         )
+        await pair.assert_ram_identical()
     s = summary(logs)
     assert sorted(s["channels"]) == ["main", "multifd", "multifd", "multifd", "multifd"]
     assert info["ram"]["normal"] >= 16 * 256
     # On 10.0 the zero pages travel inside the multifd packets; the counts must still agree.
     m = assert_pages_match(info, logs, multifd=True)
+    assert m["ram_zero_pages"] > 0
     # No page records on the main channel: rounds come from its MULTIFD_FLUSH records.
     assert m["rounds"] >= 1
     assert [e for e in logs if e["event"] == "ram_round_finished"]
+    lines = (capture_dir(root) / "events.jsonl").read_text().splitlines()
+    index = [json.loads(line) for line in lines]
+    assert not [e for e in index if e["kind"] == "ram_pages"]  # no page on the main channel
+    packets = [e for e in index if e["kind"] == "multifd_packet"]
+    assert sum(p["zero_pages"] for p in packets) == info["ram"]["duplicate"]
+    # Headers of one fixed size whatever the page count (320 + 8 * 128 bytes for 4 KiB pages):
+    # on each channel a packet starts right after the previous one's header and payload.
+    assert len({p["normal_pages"] + p["zero_pages"] for p in packets}) > 1
+    for ch in {p["ch"] for p in packets}:
+        mine = sorted((p for p in packets if p["ch"] == ch), key=lambda p: p["offset"])
+        assert mine[0]["offset"] == 64  # after the channel's init message
+        for a, b in itertools.pairwise(mine):
+            assert b["offset"] - a["offset"] == 1344 + a["payload_bytes"]
+            assert a["payload_bytes"] == a["normal_pages"] * 4096
 
 
 @pytest.mark.parametrize("direction", ["7.2-to-10.0", "10.0-to-7.2"])
