@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import structlog
 
-from migtap.relay.pipe import Direction
 from migtap.wire.constants import SectionType
 from migtap.wire.events import (
     Configuration,
@@ -46,9 +45,11 @@ from migtap.wire.return_path import RpReqPages, RpReqPagesId, RpShut
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from migtap.relay.pipe import Direction
     from migtap.sinks import ChannelInfo, SessionSummary
 
 log = structlog.get_logger("migtap.progress")
+SRC_TO_DST: Final = "src-to-dst"  # the Direction the source writes (a StrEnum in migtap.relay)
 MiB = 1024 * 1024
 
 _STOPPED_KINDS = (SectionType.QEMU_VM_SECTION_END, SectionType.QEMU_VM_SECTION_FULL)
@@ -182,7 +183,7 @@ class ProgressSink:
         handler = self._handlers.get(type(event))
         if handler is not None:
             handler(channel, event)
-        from_source = direction is Direction.SRC_TO_DST
+        from_source = direction == SRC_TO_DST
         if self.generation.observe(event, from_source=from_source):
             estimate = self.generation.source if from_source else self.generation.destination
             self.log.info(

@@ -260,3 +260,50 @@ def test_multifd_and_main_pages_share_one_round() -> None:
     fields = close(sink, main, "eof_both")
     assert fields["rounds"] == 2
     assert [(r.normal, r.zero) for r in sink.view.rounds] == [(10, 50), (2, 3)]
+
+
+def test_qemu_generation_is_logged_when_it_narrows_and_kept_for_session_json() -> None:
+    from migtap.wire.constants import MigCmd
+    from migtap.wire.events import Command, Configuration
+    from migtap.wire.return_path import RpPong, RpSwitchoverAck
+
+    sink = ProgressSink(3)
+    ch = channel()
+    sink.on_channel(ch)
+    with capture_logs() as logs:
+        feed(sink, ch, Configuration(8, "pc-q35-9.2"))
+        feed(sink, ch, Command(100, MigCmd.MIG_CMD_OPEN_RETURN_PATH))
+        feed(sink, ch, RpPong(0, 1), RpSwitchoverAck(12), direction=D2S)
+        feed(sink, ch, Command(5000, MigCmd.MIG_CMD_SWITCHOVER_START))
+        feed(sink, ch, Command(6000, MigCmd.MIG_CMD_SWITCHOVER_START))  # a sign counts once
+    inferred = [e for e in logs if e["event"] == "qemu_generation_inferred"]
+    assert [(e["side"], e["qemu"], e["sign"]) for e in inferred] == [
+        ("source", "9.2 or newer", "machine type pc-q35-9.2"),
+        ("destination", "8.1 or newer", "return path SWITCHOVER_ACK"),
+        ("source", "10.0 or newer", "SWITCHOVER_START command"),
+    ]
+    fields = close(sink, ch, "eof_both")
+    assert (fields["source_qemu"], fields["destination_qemu"]) == ("10.0 or newer", "8.1 or newer")
+    details = sink.generation_details()
+    assert details["machine_type"] == "pc-q35-9.2"
+    source = details["source"]
+    assert isinstance(source, dict)
+    assert [e["offset"] for e in source["evidence"]] == [8, 5000]
+
+
+def test_preempt_pages_count_without_starting_rounds() -> None:
+    from migtap.wire.return_path import RpReqPages, RpReqPagesId
+
+    sink = ProgressSink(4)
+    main, preempt = channel(0), channel(1, "postcopy-preempt")
+    for ch in (main, preempt):
+        sink.on_channel(ch)
+    feed(sink, main, pages(1, normal=10))
+    feed(sink, preempt, pages(1, normal=2), pages(2, normal=1), pages(3, zero=1))
+    feed(sink, main, RpReqPagesId(0, 0x1000, 4096, "pc.ram"), RpReqPages(20, 0x2000, 4096, "pc.ram"),
+         direction=D2S)  # fmt: skip
+    fields = close(sink, main, "eof_both")
+    assert fields["rounds"] == 1  # the preempt channel's page order says nothing of rounds
+    assert (fields["ram_normal_pages"], fields["ram_zero_pages"]) == (13, 1)
+    assert fields["ram_preempt_pages"] == 4
+    assert fields["postcopy_requests"] == 2
