@@ -300,8 +300,8 @@ def test_preempt_pages_count_without_starting_rounds() -> None:
         sink.on_channel(ch)
     feed(sink, main, pages(1, normal=10))
     feed(sink, preempt, pages(1, normal=2), pages(2, normal=1), pages(3, zero=1))
-    feed(sink, main, RpReqPagesId(0, 0x1000, 4096, "pc.ram"), RpReqPages(20, 0x2000, 4096, "pc.ram"),
-         direction=D2S)  # fmt: skip
+    requests = (RpReqPagesId(0, 0x1000, 4096, "pc.ram"), RpReqPages(20, 0x2000, 4096, "pc.ram"))
+    feed(sink, main, *requests, direction=D2S)
     fields = close(sink, main, "eof_both")
     assert fields["rounds"] == 1  # the preempt channel's page order says nothing of rounds
     assert (fields["ram_normal_pages"], fields["ram_zero_pages"]) == (13, 1)
