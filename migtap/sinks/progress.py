@@ -39,7 +39,7 @@ from migtap.wire.events import (
     VmDescription,
 )
 from migtap.wire.generation import GenerationTracker
-from migtap.wire.multifd import MultifdInit, MultifdPacket
+from migtap.wire.multifd import MultifdInit, MultifdPacket, ResentPages
 from migtap.wire.return_path import RpReqPages, RpReqPagesId, RpShut
 
 if TYPE_CHECKING:
@@ -111,8 +111,7 @@ class MigrationView:
     in_packaged: bool = False
     last_section: SectionInFlight | None = None
     device_sections: int = 0
-    resent: int = 0  # multifd pages sent twice in a row (QEMU 7.2), counted once by QEMU
-    recent_packets: dict[int, tuple[str, int, int]] = field(default_factory=dict)
+    resent: ResentPages = field(default_factory=ResentPages)  # 7.2 multifd repeats
 
     @property
     def round(self) -> Round | None:
@@ -279,8 +278,8 @@ class ProgressSink:
             "bytes_src_to_dst": sum(c.bytes_src_to_dst for c in self.channels),
             "bytes_dst_to_src": sum(c.bytes_dst_to_src for c in self.channels),
             "rounds": len(v.rounds),
-            "ram_normal_pages": v.normal - v.resent,
-            "ram_normal_pages_resent": v.resent,
+            "ram_normal_pages": v.normal - v.resent.count,
+            "ram_normal_pages_resent": v.resent.count,
             "ram_zero_pages": v.zero,
             "ram_xbzrle_pages": v.xbzrle,
             "ram_compressed_pages": v.compressed,
@@ -439,8 +438,7 @@ class ProgressSink:
     def _on_multifd_packet(self, channel: ChannelInfo, event: object) -> None:
         assert isinstance(event, MultifdPacket)
         v = self.view
-        if event.first_page is not None and event.last_page is not None:
-            self._note_resent(event.packet_num, event.ramblock, event.first_page, event.last_page)
+        v.resent.note(event)
         v.normal += event.normal_pages
         v.zero += event.zero_pages
         rnd = v.round
@@ -452,21 +450,6 @@ class ProgressSink:
         if rnd is not None:
             rnd.normal += event.normal_pages
             rnd.zero += event.zero_pages
-
-    def _note_resent(self, num: int, block: str, first: int, last: int) -> None:
-        """QEMU 7.2 multifd sometimes sends the last page of a packet again as the first page
-        of the next one (by packet number, on any channel) and counts it once in ``normal``."""
-        v = self.view
-        recent = v.recent_packets
-        prev = recent.get(num - 1)
-        if prev is not None and prev[0] == block and prev[2] == first:
-            v.resent += 1
-        nxt = recent.get(num + 1)
-        if nxt is not None and nxt[0] == block and nxt[1] == last:
-            v.resent += 1
-        recent[num] = (block, first, last)
-        if len(recent) > 1024:  # channels interleave only within a few packets
-            del recent[next(iter(recent))]
 
     def _on_page_request(self, channel: ChannelInfo, event: object) -> None:
         self.view.page_requests += 1

@@ -23,7 +23,7 @@ import struct
 import uuid
 from dataclasses import dataclass
 from enum import Enum
-from typing import Final, assert_never
+from typing import ClassVar, Final, assert_never
 
 from typing_extensions import Buffer
 
@@ -121,6 +121,36 @@ class MultifdStats:
     device_state_packets: int = 0
     payload_bytes: int = 0  # payload bytes skipped so far (pages, compressed data, device state)
     bytes: int = 0  # every byte consumed, headers included
+
+
+class ResentPages:
+    """QEMU 7.2 multifd sometimes sends the last page of a packet again as the first page of the
+    next one (by packet number, on any channel) and counts it once in ``ram.normal``. Feed it
+    every packet with pages, in any order close to the sending order; ``count`` is how many
+    such repeats were seen."""
+
+    __slots__ = ("_recent", "count")
+
+    WINDOW: ClassVar[int] = 1024  # channels interleave only within a few packets
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._recent: dict[int, tuple[str, int, int]] = {}
+
+    def note(self, packet: MultifdPacket) -> None:
+        first, last = packet.first_page, packet.last_page
+        if first is None or last is None:
+            return
+        num, block, recent = packet.packet_num, packet.ramblock, self._recent
+        prev = recent.get(num - 1)
+        if prev is not None and prev[0] == block and prev[2] == first:
+            self.count += 1
+        nxt = recent.get(num + 1)
+        if nxt is not None and nxt[0] == block and nxt[1] == last:
+            self.count += 1
+        recent[num] = (block, first, last)
+        if len(recent) > self.WINDOW:
+            del recent[next(iter(recent))]
 
 
 class _State(Enum):
