@@ -1,6 +1,9 @@
-"""``migtap analyze FILE``: parse a captured main-channel stream and print what it holds.
+"""``migtap analyze FILE|DIR``: parse a captured stream and print what it holds.
 
-The file is read in chunks through the sans-IO parser, so memory stays bounded whatever its
+FILE is a main-channel stream (a capture's ``src-to-dst.bin``, or any file QEMU migrated to).
+DIR is a capture directory: its main channel, and also its multifd and postcopy-preempt channel
+files, whose pages are added to the RAM totals (on 10.0 every page travels on multifd).
+Files are read in chunks through the sans-IO parsers, so memory stays bounded whatever their
 size (page payloads are skipped; device sections and the vmdesc are kept, as the parser does).
 """
 
@@ -9,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TextIO
 
@@ -19,9 +22,12 @@ from migtap.annotate.render import state_dump as render_state
 from migtap.annotate.vmsd import VmDescription as Desc
 from migtap.annotate.walk import decode_section
 from migtap.errors import MigtapError, StreamError
+from migtap.sinks.capture import SRC_TO_DST, channel_file_name
 from migtap.wire import events as ev
 from migtap.wire.constants import SECTION_FOOTER_SIZE, SectionType
 from migtap.wire.generation import GenerationTracker
+from migtap.wire.multifd import MultifdInit, MultifdPacket, MultifdParser, ResentPages
+from migtap.wire.preempt import PreemptParser
 from migtap.wire.stream import StreamParser
 
 if TYPE_CHECKING:
@@ -30,6 +36,9 @@ if TYPE_CHECKING:
     from migtap.wire.ram import RamStats, RoundStats
 
 CHUNK_SIZE: Final = 1 << 20
+MAIN_FILE: Final = "src-to-dst.bin"
+#: Kinds of channel whose capture files hold pages (``conn-<index>-<kind>.src-to-dst.bin``).
+CHANNEL_KINDS: Final = ("multifd", "postcopy-preempt")
 DUMPS: Final = ("sections", "ram", "desc", "state")
 _SHORT_KIND: Final = {
     SectionType.QEMU_VM_SECTION_START: "START",
@@ -40,7 +49,11 @@ _SHORT_KIND: Final = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", type=Path, help="raw main-channel stream (src-to-dst.bin)")
+    parser.add_argument(
+        "file",
+        type=Path,
+        help="raw main-channel stream (src-to-dst.bin), or a capture directory (all channels)",
+    )
     parser.add_argument(
         "--dump",
         action="append",
@@ -82,6 +95,20 @@ class _Row:
 
 
 @dataclass(slots=True)
+class ChannelAnalysis:
+    """One multifd or postcopy-preempt channel file of a capture."""
+
+    file: str
+    kind: str
+    channel_id: int | None = None  # multifd channel id from its init message
+    packets: int = 0
+    normal_pages: int = 0
+    zero_pages: int = 0
+    length: int = 0
+    error: StreamError | None = None
+
+
+@dataclass(slots=True)
 class Analysis:
     """What one pass over the stream collected."""
 
@@ -93,6 +120,72 @@ class Analysis:
     ram: RamStats | None = None
     length: int = 0
     generation: GenerationTracker = field(default_factory=GenerationTracker)
+    channels: list[ChannelAnalysis] = field(default_factory=list)  # other channels' files
+    resent: ResentPages = field(default_factory=ResentPages)  # 7.2 multifd repeats
+    unread_channels: int = 0  # channel files beside a FILE argument, not read
+    page_size: int = 4096  # as the main channel's parser ended up with
+
+    def all_channels(self) -> dict[str, int]:
+        """RAM pages on every channel read, counted as QEMU counts them (``query-migrate``)."""
+        total = self.ram.total if self.ram is not None else None
+        normal = (total.normal_pages if total else 0) + sum(c.normal_pages for c in self.channels)
+        return {
+            "normal_pages": normal - self.resent.count,
+            "normal_pages_resent": self.resent.count,
+            "zero_pages": (total.zero_pages if total else 0)
+            + sum(c.zero_pages for c in self.channels),
+            "xbzrle_pages": total.xbzrle_pages if total else 0,
+            "compressed_pages": total.compressed_pages if total else 0,
+        }
+
+
+def channel_files(directory: Path) -> list[tuple[str, Path]]:
+    """``(kind, path)`` of a capture directory's multifd and postcopy-preempt channel files, in
+    connection order."""
+    found = []
+    for kind in CHANNEL_KINDS:
+        suffix = channel_file_name(0, kind, SRC_TO_DST).removeprefix("conn-0")
+        for path in directory.glob(f"conn-*{suffix}"):
+            index = path.name.removeprefix("conn-").removesuffix(suffix)
+            if index.isdigit():
+                found.append((int(index), kind, path))
+    return [(kind, path) for _, kind, path in sorted(found)]
+
+
+def analyze_channel(path: Path, kind: str, a: Analysis, *, page_size: int) -> ChannelAnalysis:
+    """Count the pages of one multifd or postcopy-preempt channel file into ``a``."""
+    blocks = a.ram_blocks[-1].blocks if a.ram_blocks else ()
+    parser: MultifdParser | PreemptParser = (
+        MultifdParser(page_size=page_size)
+        if kind == "multifd"
+        else PreemptParser(page_size, blocks)
+    )
+    ch = ChannelAnalysis(path.name, kind)
+    a.channels.append(ch)
+    try:
+        with path.open("rb") as f:
+            while chunk := f.read(CHUNK_SIZE):
+                _count_channel(ch, parser.feed(chunk), a.resent)
+                ch.length += len(chunk)
+        _count_channel(ch, parser.feed_eof(), a.resent)
+    except StreamError as exc:
+        _count_channel(ch, getattr(parser, "events_before_error", []), a.resent)
+        ch.error = exc
+    return ch
+
+
+def _count_channel(ch: ChannelAnalysis, events: Iterable[object], resent: ResentPages) -> None:
+    for e in events:
+        if isinstance(e, MultifdPacket):
+            ch.packets += 1
+            ch.normal_pages += e.normal_pages
+            ch.zero_pages += e.zero_pages
+            resent.note(e)
+        elif isinstance(e, MultifdInit):
+            ch.channel_id = e.channel_id
+        elif isinstance(e, ev.RamPages):
+            ch.normal_pages += e.normal
+            ch.zero_pages += e.zero
 
 
 class _Collector:
@@ -178,7 +271,23 @@ def analyze_file(
         col.add(parser.events_before_error)
         col.a.error = exc
     col.a.ram = parser.ram_stats
+    col.a.page_size = parser.page_size
     return col.a
+
+
+def analyze_path(
+    path: Path, *, page_size: int = 4096, start: str = "header", offset: int = 0
+) -> Analysis:
+    """A main-channel file, or a capture directory with all its channels."""
+    if not path.is_dir():
+        a = analyze_file(path, page_size=page_size, start=start, offset=offset)
+        if path.name == MAIN_FILE:
+            a.unread_channels = len(channel_files(path.parent))
+        return a
+    a = analyze_file(path / MAIN_FILE, page_size=page_size, start=start, offset=offset)
+    for kind, channel in channel_files(path):
+        analyze_channel(channel, kind, a, page_size=a.page_size)
+    return a
 
 
 # -- output ------------------------------------------------------------------------------------
@@ -222,6 +331,23 @@ def write_ram(a: Analysis, out: TextIO) -> None:
             f" {getattr(r, c + '_pages'):>17} {getattr(r, c + '_bytes'):>17}" for c in _ROUND_COLS
         )
         out.write(f"{name:>6} {_fmt(r.first_offset, hexa=True):>14}{cells}\n")
+    if a.unread_channels:
+        out.write(f"({a.unread_channels} more channel files beside this one: pass the capture "
+                  "directory to count their pages too)\n")  # fmt: skip
+    if not a.channels:
+        return
+    out.write(f"{'channel file':<36} {'kind':<17} {'id':>3} {'packets':>9} "
+              f"{'normal pages':>13} {'zero pages':>11} {'bytes':>14}\n")  # fmt: skip
+    out.writelines(
+        f"{c.file:<36} {c.kind:<17} {_fmt(c.channel_id):>3} {c.packets:>9} "
+        f"{c.normal_pages:>13} {c.zero_pages:>11} {c.length:>14}\n"
+        for c in a.channels
+    )
+    t = a.all_channels()
+    resent = f" ({t['normal_pages_resent']} sent twice, counted once)" if a.resent.count else ""
+    out.write(f"RAM pages, all channels: normal {t['normal_pages']}{resent}, "
+              f"zero {t['zero_pages']}, xbzrle {t['xbzrle_pages']}, "
+              f"compressed {t['compressed_pages']}\n")  # fmt: skip
 
 
 def _round_json(r: RoundStats) -> dict[str, Any]:
@@ -277,7 +403,7 @@ def run(args: argparse.Namespace) -> int:
         if page_size is None and args.vmdesc is not None:
             ps = json.loads(args.vmdesc.read_bytes()).get("page_size")
             page_size = ps if isinstance(ps, int) else None
-        a = analyze_file(args.file, page_size=page_size or 4096, start=args.start,
+        a = analyze_path(args.file, page_size=page_size or 4096, start=args.start,
                          offset=args.offset)  # fmt: skip
         if not args.json and {"sections", "ram"} & set(dumps):  # not before JSON dumps
             write_origin(a, out)
@@ -288,10 +414,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         json.dump(doc, out, indent=2)
         out.write("\n")
-    if a.error is not None:
-        err.write(f"migtap analyze: {args.file}: {a.error}\n")
-        return 1
-    return 0
+    failed = [(str(args.file), a.error)] if a.error is not None else []
+    failed += [(c.file, c.error) for c in a.channels if c.error is not None]
+    err.writelines(f"migtap analyze: {name}: {error}\n" for name, error in failed)
+    return 1 if failed else 0
 
 
 def _render(a: Analysis, dumps: list[str], args: argparse.Namespace, out: TextIO,
@@ -311,7 +437,15 @@ def _render(a: Analysis, dumps: list[str], args: argparse.Namespace, out: TextIO
                 "sections": a.ram.sections,
                 "eos": a.ram.eos,
                 "multifd_flushes": a.ram.multifd_flushes,
+                "all_channels": a.all_channels(),
             }
+            doc["channels"] = [
+                {
+                    **{f.name: getattr(c, f.name) for f in fields(c) if f.name != "error"},
+                    "error": None if c.error is None else _error_json(c.error),
+                }
+                for c in a.channels
+            ]
             if not args.json:
                 write_ram(a, out)
         elif what == "desc":

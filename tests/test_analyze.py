@@ -151,3 +151,73 @@ def test_large_file_streams_in_chunks(tmp_path: Path, capsys: pytest.CaptureFixt
     doc = json.loads(out)
     assert doc["ram"]["total"]["normal_pages"] == 640
     assert len(doc["ram"]["rounds"]) == 40
+
+
+def capture_directory(tmp_path: Path, *, corrupt_multifd: bool = False) -> Path:
+    """A capture directory as CaptureSink writes it: main channel, two multifd channels (the
+    second sends page 0x3000 again at a packet boundary, as 7.2 does), a preempt channel."""
+    from tests.wire.mfd_streams import mfd_init, mfd_packet
+
+    d = tmp_path / "capture"
+    d.mkdir()
+    blocks = [("pc.ram", 64 * 4096)]
+    main = s.header() + s.configuration() + s.ram_start(2, blocks)
+    main += s.ram_section(SectionType.QEMU_VM_SECTION_PART, 2, [s.zero(0, "pc.ram")])
+    main += s.ram_section(SectionType.QEMU_VM_SECTION_END, 2, []) + s.eof()
+    (d / "src-to-dst.bin").write_bytes(main)
+    ch0 = mfd_init(0) + mfd_packet(packet_num=1, normal=2, offsets=[0x2000, 0x3000])
+    ch1 = mfd_init(1) + mfd_packet(packet_num=2, normal=2, zero=1, offsets=[0x3000, 0x4000, 0x5000])
+    if corrupt_multifd:
+        ch1 = ch1[:64] + b"\xff" * 4 + ch1[68:]  # the packet magic
+    (d / "conn-1-multifd.src-to-dst.bin").write_bytes(ch0)
+    (d / "conn-2-multifd.src-to-dst.bin").write_bytes(ch1)
+    preempt = s.page(40 * 4096, "pc.ram") + s.zero(41 * 4096)
+    (d / "conn-3-postcopy_preempt.src-to-dst.bin").write_bytes(preempt)
+    (d / "conn-4-unknown.src-to-dst.bin").write_bytes(b"not counted")
+    return d
+
+
+def test_a_capture_directory_counts_every_channel(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = capture_directory(tmp_path)
+    code, out, err = run(capsys, str(d), "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert [(c["file"], c["kind"], c["channel_id"]) for c in doc["channels"]] == [
+        ("conn-1-multifd.src-to-dst.bin", "multifd", 0),
+        ("conn-2-multifd.src-to-dst.bin", "multifd", 1),
+        ("conn-3-postcopy_preempt.src-to-dst.bin", "postcopy-preempt", None),
+    ]
+    assert doc["ram"]["all_channels"] == {
+        "normal_pages": 4,  # 2 + 2 on multifd, 1 on preempt, less the one sent twice
+        "normal_pages_resent": 1,
+        "zero_pages": 3,  # main, multifd, preempt: one each
+        "xbzrle_pages": 0,
+        "compressed_pages": 0,
+    }
+    code, out, _ = run(capsys, str(d))
+    assert "RAM pages, all channels: normal 4 (1 sent twice, counted once), zero 3" in out
+    assert "conn-3-postcopy_preempt.src-to-dst.bin" in out
+
+
+def test_the_main_file_alone_says_what_it_leaves_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = capture_directory(tmp_path)
+    code, out, _ = run(capsys, str(d / "src-to-dst.bin"))
+    assert code == 0
+    assert "(3 more channel files beside this one: pass the capture directory" in out
+
+
+def test_a_broken_channel_file_is_named_and_the_rest_still_counts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = capture_directory(tmp_path, corrupt_multifd=True)
+    code, out, err = run(capsys, str(d), "--json")
+    assert code == 1
+    assert err.startswith("migtap analyze: conn-2-multifd.src-to-dst.bin: ")
+    doc = json.loads(out)
+    broken = doc["channels"][1]
+    assert broken["error"]["offset"] >= 64
+    assert doc["channels"][2]["normal_pages"] == 1

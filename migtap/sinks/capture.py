@@ -109,6 +109,13 @@ _FILE_MODE: Final = 0o600
 # -- the index -------------------------------------------------------------------------------------
 
 
+def channel_file_name(index: int, kind: str, dir_name: str) -> str:
+    """The capture file of a connection other than the main channel:
+    ``conn-<index>-<kind>.<direction>.bin``, the kind made safe (``postcopy_preempt``)."""
+    safe_kind = _SAFE_KIND_RE.sub("_", kind.lower())[:32] or "unknown"
+    return f"conn-{int(index):d}-{safe_kind}.{dir_name}.bin"
+
+
 def event_kind(event: object) -> str:
     """``RamPages`` -> ``ram_pages``, ``RpReqPagesId`` -> ``rp_req_pages_id``."""
     return _KIND_RE.sub("_", type(event).__name__).lower()
@@ -619,8 +626,7 @@ class CaptureSink:
             self._main_channel = channel.index
             state.file = f"{dir_name}.bin"
         else:
-            safe_kind = _SAFE_KIND_RE.sub("_", str(kind).lower())[:32] or "unknown"
-            state.file = f"conn-{int(channel.index):d}-{safe_kind}.{dir_name}.bin"
+            state.file = channel_file_name(channel.index, str(kind), dir_name)
         if self.capture_ram == "none" and dir_name == SRC_TO_DST:
             if kind in ("main", "multifd"):
                 state.content = "ram_removed"

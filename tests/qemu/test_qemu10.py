@@ -11,7 +11,6 @@ import asyncio
 import itertools
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,14 @@ from tests.qemu.test_relay_migrations import (
     migrate_through_relay,
     summary,
 )
-from tests.qemu.test_tap import capture_dir, only, rich_q35_migration, tap_migration
+from tests.qemu.test_tap import (
+    analyze,
+    assert_offline_counts,
+    capture_dir,
+    only,
+    rich_q35_migration,
+    tap_migration,
+)
 
 pytestmark = pytest.mark.qemu10
 
@@ -128,6 +134,9 @@ async def test_multifd_4_channels_10_to_10(tmp_path: Path, make_relay: Any, qemu
         for a, b in itertools.pairwise(mine):
             assert b["offset"] - a["offset"] == 1344 + a["payload_bytes"]
             assert a["payload_bytes"] == a["normal_pages"] * 4096
+    # Offline, from the capture directory: every channel's pages, as QEMU counted them.
+    doc = assert_offline_counts(capture_dir(root), info)
+    assert doc["ram"]["total"]["normal_pages"] == 0  # none on the main channel
 
 
 @pytest.mark.parametrize("direction", ["7.2-to-10.0", "10.0-to-7.2"])
@@ -189,18 +198,6 @@ async def test_postcopy_10_to_10_annotated_with_an_earlier_vmdesc(
     assert only(logs, "device_state_annotated")["vmdesc"] == "--vmdesc"
 
 
-def analyze(capture: Path, *args: str) -> str:
-    """``migtap analyze`` on a capture's main channel, as a user runs it: its stdout, after
-    checking that it succeeded and printed nothing on stderr."""
-    done = subprocess.run(
-        [sys.executable, "-m", "migtap", "analyze", str(capture / "src-to-dst.bin"), *args],
-        capture_output=True, text=True, check=False, timeout=120,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert done.stderr == ""
-    return done.stdout
-
-
 @ONE_LOOP
 async def test_device_rich_q35_10_to_10_with_switchover_ack(
     tmp_path: Path, make_relay: Any, qemu10: Qemu
@@ -239,10 +236,10 @@ async def test_device_rich_q35_10_to_10_with_switchover_ack(
     assert inferred[0]["side"] == "source"
     assert inferred[0]["qemu"] == "10.0 or newer"
     # Offline: every device decodes with the stream's own vmdesc, ending on its footer.
-    state = json.loads(analyze(d, "--dump", "state"))
+    state = json.loads(analyze(d / "src-to-dst.bin", "--dump", "state"))
     assert "configuration" not in state  # as analyze-migration.py -d state: devices and ram
     assert len(state) == len(desc.devices) + 1
-    doc = json.loads(analyze(d, "--json"))
+    doc = json.loads(analyze(d / "src-to-dst.bin", "--json"))
     assert doc["error"] is None
     assert doc["qemu"]["qemu"] == "10.0 or newer"
     assert doc["qemu"]["machine_type"] == "pc-q35-10.0"
@@ -274,7 +271,7 @@ async def test_cross_version_device_rich_pc_q35_7_2(
     # the configuration in its vmdesc (8.2+); a 7.2 source does not (so at most 8.1).
     expected = "7.2 to 8.1" if direction == "7.2-to-10.0" else "8.2 or newer"
     assert m["source_qemu"] == expected
-    assert json.loads(analyze(d, "--dump", "state"))
+    assert json.loads(analyze(d / "src-to-dst.bin", "--dump", "state"))
 
 
 @ONE_LOOP
@@ -341,3 +338,9 @@ async def test_postcopy_preempt_requested_pages(
     session = json.loads((capture_dir(root) / "session.json").read_text())
     assert [c["kind"] for c in session["channels"]] == ["main", "postcopy-preempt"]
     assert session["channels"][1]["parse_error"] is None
+    doc = assert_offline_counts(capture_dir(root), info)
+    assert [c["kind"] for c in doc["channels"]] == ["postcopy-preempt"]
+    assert (
+        doc["channels"][0]["normal_pages"] + doc["channels"][0]["zero_pages"]
+        == (m["ram_preempt_pages"])
+    )

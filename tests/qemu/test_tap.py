@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import stat
+import subprocess
+import sys
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -68,6 +70,28 @@ def assert_private(directory: Path) -> None:
     assert files
     for f in files:
         assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+
+
+def analyze(path: Path, *args: str) -> str:
+    """``migtap analyze`` as a user runs it, on a capture's file or whole directory: its
+    stdout, after checking that it succeeded and printed nothing on stderr."""
+    done = subprocess.run(
+        [sys.executable, "-m", "migtap", "analyze", str(path), *args],
+        capture_output=True, text=True, check=False, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    return done.stdout
+
+
+def assert_offline_counts(capture: Path, info: dict[str, Any]) -> dict[str, Any]:
+    """``migtap analyze DIR`` counts every channel's pages as QEMU did (``query-migrate``)."""
+    doc = json.loads(analyze(capture, "--json"))
+    counts = doc["ram"]["all_channels"]
+    assert counts["normal_pages"] == info["ram"]["normal"], doc["channels"]
+    assert counts["zero_pages"] == info["ram"]["duplicate"], doc["channels"]
+    assert all(c["error"] is None for c in doc["channels"])
+    return doc
 
 
 @ONE_LOOP
@@ -141,7 +165,7 @@ async def test_capture_ram_none_is_small_and_indexed(tmp_path: Path, make_relay:
 async def test_multifd_capture_lists_every_channel(tmp_path: Path, make_relay: Any) -> None:
     root = tmp_path / "captures"
     async with vm_pair(tmp_path, random_mib=16) as pair:
-        await tap_migration(
+        info, _ = await tap_migration(
             pair,
             make_relay,
             TapSettings(capture_dir=root),
@@ -150,6 +174,8 @@ async def test_multifd_capture_lists_every_channel(tmp_path: Path, make_relay: A
         )
         await pair.assert_ram_identical()
     session = json.loads((capture_dir(root) / "session.json").read_text())
+    doc = assert_offline_counts(capture_dir(root), info)
+    assert sorted(c["channel_id"] for c in doc["channels"]) == [0, 1, 2, 3]
     kinds = sorted((c["kind"], c["multifd_id"]) for c in session["channels"])
     assert kinds == [("main", None), ("multifd", 0), ("multifd", 1), ("multifd", 2), ("multifd", 3)]
     assert session["complete"] is True
