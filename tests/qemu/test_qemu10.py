@@ -38,6 +38,7 @@ from tests.qemu.test_tap import (
     analyze,
     assert_offline_counts,
     capture_dir,
+    multifd_capture,
     only,
     rich_q35_migration,
     tap_migration,
@@ -101,16 +102,7 @@ async def test_precopy_10_to_10(tmp_path: Path, make_relay: Any, qemu10: Qemu) -
 
 
 async def test_multifd_4_channels_10_to_10(tmp_path: Path, make_relay: Any, qemu10: Qemu) -> None:
-    root = tmp_path / "captures"
-    async with vm_pair(tmp_path, random_mib=16, src_qemu=qemu10, dst_qemu=qemu10) as pair:
-        info, logs = await tap_migration(
-            pair,
-            make_relay,
-            TapSettings(capture_dir=root),
-            caps={"multifd": True},
-            params={"multifd_channels": 4},
-        )
-        await pair.assert_ram_identical()
+    info, logs, d = await multifd_capture(tmp_path, make_relay, qemu10)
     s = summary(logs)
     assert sorted(s["channels"]) == ["main", "multifd", "multifd", "multifd", "multifd"]
     assert info["ram"]["normal"] >= 16 * 256
@@ -120,7 +112,7 @@ async def test_multifd_4_channels_10_to_10(tmp_path: Path, make_relay: Any, qemu
     # No page records on the main channel: rounds come from its MULTIFD_FLUSH records.
     assert m["rounds"] >= 1
     assert [e for e in logs if e["event"] == "ram_round_finished"]
-    lines = (capture_dir(root) / "events.jsonl").read_text().splitlines()
+    lines = (d / "events.jsonl").read_text().splitlines()
     index = [json.loads(line) for line in lines]
     assert not [e for e in index if e["kind"] == "ram_pages"]  # no page on the main channel
     packets = [e for e in index if e["kind"] == "multifd_packet"]
@@ -135,7 +127,7 @@ async def test_multifd_4_channels_10_to_10(tmp_path: Path, make_relay: Any, qemu
             assert b["offset"] - a["offset"] == 1344 + a["payload_bytes"]
             assert a["payload_bytes"] == a["normal_pages"] * 4096
     # Offline, from the capture directory: every channel's pages, as QEMU counted them.
-    doc = assert_offline_counts(capture_dir(root), info)
+    doc = assert_offline_counts(d, info)
     assert doc["ram"]["total"]["normal_pages"] == 0  # none on the main channel
 
 

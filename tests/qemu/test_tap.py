@@ -161,11 +161,14 @@ async def test_capture_ram_none_is_small_and_indexed(tmp_path: Path, make_relay:
     assert (d / "annotated.jsonl").exists()
 
 
-@ONE_LOOP
-async def test_multifd_capture_lists_every_channel(tmp_path: Path, make_relay: Any) -> None:
+async def multifd_capture(
+    tmp_path: Path, make_relay: Any, qemu: Qemu = HOST_QEMU
+) -> tuple[dict[str, Any], list[dict[str, Any]], Path]:
+    """16 MiB of random RAM over 4 multifd channels, captured; RAM checked. Returns
+    query-migrate, the logs and the capture directory."""
     root = tmp_path / "captures"
-    async with vm_pair(tmp_path, random_mib=16) as pair:
-        info, _ = await tap_migration(
+    async with vm_pair(tmp_path, random_mib=16, src_qemu=qemu, dst_qemu=qemu) as pair:
+        info, logs = await tap_migration(
             pair,
             make_relay,
             TapSettings(capture_dir=root),
@@ -173,8 +176,14 @@ async def test_multifd_capture_lists_every_channel(tmp_path: Path, make_relay: A
             params={"multifd_channels": 4},
         )
         await pair.assert_ram_identical()
-    session = json.loads((capture_dir(root) / "session.json").read_text())
-    doc = assert_offline_counts(capture_dir(root), info)
+    return info, logs, capture_dir(root)
+
+
+@ONE_LOOP
+async def test_multifd_capture_lists_every_channel(tmp_path: Path, make_relay: Any) -> None:
+    info, _, d = await multifd_capture(tmp_path, make_relay)
+    session = json.loads((d / "session.json").read_text())
+    doc = assert_offline_counts(d, info)
     assert sorted(c["channel_id"] for c in doc["channels"]) == [0, 1, 2, 3]
     kinds = sorted((c["kind"], c["multifd_id"]) for c in session["channels"])
     assert kinds == [("main", None), ("multifd", 0), ("multifd", 1), ("multifd", 2), ("multifd", 3)]
