@@ -130,9 +130,10 @@ def chunks(data: bytes, size: int) -> Iterator[bytes]:
         yield data[i : i + size]
 
 
-def feed_main(sink: CaptureSink, ch: ChannelInfo, data: bytes, size: int) -> list[object]:
+def feed_parsed(
+    sink: CaptureSink, ch: ChannelInfo, data: bytes, size: int, parser: StreamParser | MultifdParser
+) -> list[object]:
     """Drive the sink as the tap does: on_chunk, then the events parsing that chunk produced."""
-    parser = StreamParser(page_size=4096)
     seen: list[object] = []
     offset = 0
     for piece in chunks(data, size):
@@ -146,23 +147,14 @@ def feed_main(sink: CaptureSink, ch: ChannelInfo, data: bytes, size: int) -> lis
         sink.on_event(ch, S2D, event)
         seen.append(event)
     return seen
+
+
+def feed_main(sink: CaptureSink, ch: ChannelInfo, data: bytes, size: int) -> list[object]:
+    return feed_parsed(sink, ch, data, size, StreamParser(page_size=4096))
 
 
 def feed_multifd(sink: CaptureSink, ch: ChannelInfo, data: bytes, size: int) -> list[object]:
-    parser = MultifdParser(page_size=4096)
-    seen: list[object] = []
-    offset = 0
-    for piece in chunks(data, size):
-        sink.on_chunk(ch, S2D, offset, piece)
-        ch.bytes_src_to_dst += len(piece)
-        offset += len(piece)
-        for event in parser.feed(piece):
-            sink.on_event(ch, S2D, event)
-            seen.append(event)
-    for event in parser.feed_eof():
-        sink.on_event(ch, S2D, event)
-        seen.append(event)
-    return seen
+    return feed_parsed(sink, ch, data, size, MultifdParser(page_size=4096))
 
 
 def sha(data: bytes) -> str:
