@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from migtap.wire.events import Event
+
 
 class MigtapError(Exception):
     """Base of every error migtap raises on purpose."""
@@ -29,6 +34,8 @@ class StreamError(MigtapError):
 
     ``offset`` is the absolute stream offset where the problem was found, ``state`` what the
     parser was reading, ``direction`` which way the bytes flowed (set by the caller if known).
+    ``events``: what the parser call that raised it had parsed before the damage (a parser sets
+    it; those events are not returned any other way).
     """
 
     def __init__(
@@ -39,12 +46,14 @@ class StreamError(MigtapError):
         state: str,
         direction: str | None = None,
         section: str | None = None,
+        events: tuple[Event, ...] = (),
     ) -> None:
         super().__init__(message)
         self.offset = offset
         self.state = state
         self.direction = direction
         self.section = section
+        self.events: tuple[Event, ...] = events
 
     def __str__(self) -> str:
         parts = [f"at offset {self.offset}", f"while reading {self.state}"]

@@ -1,6 +1,6 @@
 """Fuzz every sans-IO parser for a bounded time: only events or the parser's own StreamError.
 
-Mutates real QEMU 7.2 stream slices (shared/reference/fixtures-qemu-7.2) and synthetic streams
+Mutates real QEMU 7.2 stream slices (tests.fixtures) and synthetic streams
 from tests/streams.py (byte flips, inserts, deletes, splices, truncations), feeds each result in
 random chunk sizes to the main-stream, multifd, return-path and postcopy-preempt parsers and
 to the device-state decoder, and fails on any other exception or on a parser buffer above its
@@ -27,6 +27,7 @@ from migtap.annotate.walk import decode_section  # noqa: E402
 from migtap.errors import StreamError  # noqa: E402
 from migtap.wire.events import RamBlock  # noqa: E402
 from migtap.wire.multifd import MultifdParser  # noqa: E402
+from migtap.wire.parser import Parser  # noqa: E402
 from migtap.wire.preempt import PreemptParser, looks_like_preempt  # noqa: E402
 from migtap.wire.return_path import ReturnPathParser  # noqa: E402
 from migtap.wire.stream import StreamParser  # noqa: E402
@@ -83,7 +84,6 @@ def held_bytes(parser: object) -> int:
 
 
 BLOCKS = (RamBlock("pc.ram", 128 << 20), RamBlock("pc.bios", 256 << 10))
-Parser = StreamParser | MultifdParser | ReturnPathParser | PreemptParser
 
 
 def feed(parser: Parser, data: bytes, rng: random.Random) -> None:

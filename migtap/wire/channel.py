@@ -1,9 +1,11 @@
 """Tell what a new connection carries from its first bytes (sans-IO).
 
-Every QEMU channel arrives on the destination's one ``-incoming`` port (reference §1.1), so the tap
-peeks at most 4 bytes, as 8.0+ destinations do in ``migration_channel_identify``. Anything that is
-neither the main stream nor a multifd channel (postcopy preempt, postcopy recovery, TLS, stray
-clients) is passed through unparsed; ``TLS`` and ``HTTP`` are told apart so the log can say why.
+Every QEMU channel arrives on the destination's one ``-incoming`` port (``docs/stream-format.md``
+§1.1), so the tap peeks at most 4 bytes, as 8.0+ destinations do in
+``migration_channel_identify``. Anything that is neither the main stream nor a multifd channel
+(postcopy preempt, postcopy recovery, TLS, stray clients) is ``UNKNOWN`` to :func:`classify`;
+``TLS`` and ``HTTP`` are told apart so the log can say why. A header-less channel can later be
+identified as ``POSTCOPY_PREEMPT`` (``migtap.wire.preempt.looks_like_preempt``) by the tap.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ class ChannelKind(StrEnum):
     TLS = "tls"  # a TLS handshake record: encrypted, passed through
     HTTP = "http"  # an HTTP request: not QEMU at all
     UNKNOWN = "unknown"  # postcopy preempt, postcopy recovery main, or garbage
+    # Never returned by classify(): the tap sets it once looks_like_preempt() says so.
+    POSTCOPY_PREEMPT = "postcopy-preempt"  # header-less RAM page records (postcopy-preempt)
 
 
 def classify(prefix: Buffer) -> ChannelKind | None:

@@ -1,7 +1,7 @@
 """Wire constants of the QEMU migration main channel, named as QEMU names them.
 
 Sources: ``migration/savevm.h`` and ``savevm.c`` (record types, commands), ``migration/ram.c``
-(``ram.h`` from 10.0: RAM record flags). See ``shared/reference/migration-stream.md`` §2, §3, §7.
+(``ram.h`` from 10.0: RAM record flags). See ``docs/stream-format.md`` §2, §3, §7.
 """
 
 from __future__ import annotations
@@ -114,3 +114,14 @@ MAX_DISCARDS_PER_COMMAND: Final = 12
 CONFIG_TARGET_PAGE_BITS: Final = "configuration/target-page-bits"
 CONFIG_CAPABILITIES: Final = "configuration/capabilities"
 CONFIG_UUID: Final = "configuration/uuid"
+
+# multifd packet flags (``multifd.h``)
+MULTIFD_FLAG_SYNC: Final = 1 << 0
+MULTIFD_FLAG_COMPRESSION_MASK: Final = 0x3E  # 9.2+ width; 7.2-9.0 used 0x0E, 9.1 0x1E
+MULTIFD_FLAG_NOCOMP: Final = 0 << 1
+MULTIFD_FLAG_ZLIB: Final = 1 << 1
+MULTIFD_FLAG_ZSTD: Final = 2 << 1
+MULTIFD_FLAG_QPL: Final = 4 << 1  # 9.1+
+MULTIFD_FLAG_UADK: Final = 8 << 1  # 9.1+
+MULTIFD_FLAG_QATZIP: Final = 16 << 1  # 9.2+
+MULTIFD_FLAG_DEVICE_STATE: Final = 1 << 6  # 10.0+

@@ -1,14 +1,20 @@
-"""Events of the main-channel parser: frozen, slotted records of what was seen and where.
+"""Events of every parser in ``migtap.wire``: frozen, slotted records of what was seen and where.
 
-Every event carries ``offset``, the absolute stream offset of the first byte it describes.
+Every event carries ``offset``, the absolute offset (in its channel and direction) of the first
+byte it describes. ``Event`` is the union of all of them: the main channel's (``StreamParser``;
+``PreemptParser`` emits a subset), the multifd channels' (``MultifdEvent``) and the return
+path's (``ReturnPathEvent``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
-from migtap.wire.constants import MigCmd, SectionType
+from migtap.wire.constants import MULTIFD_FLAG_COMPRESSION_MASK, MigCmd, SectionType
+
+if TYPE_CHECKING:
+    import uuid
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,8 +108,8 @@ class RamMultifdFlush:
 @dataclass(frozen=True, slots=True)
 class DeviceState:
     """The payload of a section the parser does not decode itself (FULL device state, unknown
-    iterable handlers). Its end was found by scanning for the footer (§9.5), so ``inferred``
-    is True: the annotator settles it exactly once the vmdesc is known."""
+    iterable handlers). Its end was found by scanning for the footer (``docs/stream-format.md``
+    §9.5), so ``inferred`` is True: the annotator settles it exactly once the vmdesc is known."""
 
     offset: int  # of the section header
     kind: SectionType
@@ -179,12 +185,11 @@ class EndOfState:
 
 @dataclass(frozen=True, slots=True)
 class VmDescription:
-    """``QEMU_VM_VMDESCRIPTION``: the JSON text and its parsed form."""
+    """``QEMU_VM_VMDESCRIPTION``: the JSON text, unparsed (``migtap.wire.vmdesc.parse_vmdesc``
+    parses it, off the event loop if it is large: up to 64 MiB)."""
 
     offset: int
-    json_bytes: bytes
-    desc: dict[str, Any] = field(hash=False, repr=False)
-    page_size: int | None = None
+    json_bytes: bytes = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +201,92 @@ class Unparsed:
     length: int | None = None
 
 
-Event = (
+# -- multifd channels (migtap.wire.multifd) ------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class MultifdInit:
+    offset: int  # absolute channel offset of the magic (always 0)
+    version: int
+    uuid: uuid.UUID  # source VM UUID; all zero without -uuid
+    channel_id: int  # a single byte, so no endianness (docs/stream-format.md §5.1)
+
+
+@dataclass(frozen=True, slots=True)
+class MultifdPacket:
+    offset: int  # absolute channel offset of the packet magic
+    flags: int
+    packet_num: int  # global sequence number across all channels
+    pages_alloc: int  # sender's page_count (master SYNC packets: 0)
+    normal_pages: int
+    zero_pages: int  # 9.0+; 0 before
+    next_packet_size: int  # as sent; stale in 7.2-8.1 empty packets
+    ramblock: str  # may be stale (previous block) before 9.2
+    payload_bytes: int  # bytes that follow the header (skipped)
+    sync: bool  # MULTIFD_FLAG_SYNC: the sender's sync point (paired with EOS or MULTIFD_FLUSH)
+    first_page: int | None = None  # offset in ramblock of the first normal page
+    last_page: int | None = None  # offset in ramblock of the last normal page
+
+    @property
+    def compression(self) -> int:
+        return self.flags & MULTIFD_FLAG_COMPRESSION_MASK
+
+
+@dataclass(frozen=True, slots=True)
+class MultifdDeviceState:
+    offset: int  # absolute channel offset of the packet magic
+    flags: int
+    idstr: str
+    instance_id: int
+    payload_bytes: int  # next_packet_size: device state bytes that follow (skipped)
+
+
+# -- the return path (migtap.wire.return_path) -----------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class RpShut:
+    offset: int  # absolute offset of the message type field
+    value: int  # 0 = the destination finished fine; non-zero = it failed
+
+
+@dataclass(frozen=True, slots=True)
+class RpPong:
+    offset: int
+    value: int  # echo of the PING value
+
+
+@dataclass(frozen=True, slots=True)
+class RpReqPagesId:
+    offset: int
+    start: int  # byte offset inside the block
+    length: int  # bytes requested
+    ramblock: str
+
+
+@dataclass(frozen=True, slots=True)
+class RpReqPages:
+    offset: int
+    start: int
+    length: int
+    ramblock: str | None  # the block last named by a REQ_PAGES_ID (None if none came yet)
+
+
+@dataclass(frozen=True, slots=True)
+class RpRecvBitmap:
+    offset: int  # of the message; emitted once the trailing bitmap size has been read
+    ramblock: str
+    bitmap_bytes: int  # size of the little-endian bitmap that follows (skipped)
+
+
+@dataclass(frozen=True, slots=True)
+class RpResumeAck:
+    offset: int
+    value: int  # MIGRATION_RESUME_ACK_VALUE
+
+
+@dataclass(frozen=True, slots=True)
+class RpSwitchoverAck:
+    offset: int
+
+
+MainEvent = (
     StreamHeader
     | Configuration
     | SectionHeader
@@ -217,3 +307,8 @@ Event = (
     | VmDescription
     | Unparsed
 )
+MultifdEvent = MultifdInit | MultifdPacket | MultifdDeviceState
+ReturnPathEvent = (
+    RpShut | RpPong | RpReqPagesId | RpReqPages | RpRecvBitmap | RpResumeAck | RpSwitchoverAck
+)
+Event = MainEvent | MultifdEvent | ReturnPathEvent

@@ -1,6 +1,7 @@
 """What the small channel parsers (multifd, return path) share: the feed loop, one sticky error,
 a header buffer filled to a known size, and absolute offsets. Each subclass is a state machine
-(an ``Enum`` with ``EOF`` and ``ERROR`` members) with one method per state behind ``_step``."""
+(an ``Enum`` with ``EOF`` and ``ERROR`` members) with one method per state behind ``_step``.
+They follow the contract of :class:`migtap.wire.parser.Parser`."""
 
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ from migtap.errors import StreamError, TruncatedStream
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-EventT = TypeVar("EventT")
+    from migtap.wire.events import Event
+
 StateT = TypeVar("StateT", bound=Enum)
 
 
-class FramedParser(Generic[EventT, StateT]):
-    """``feed(data) -> events``, ``feed_eof() -> events``; after a ``StreamError`` (or EOF) every
-    later call raises."""
+class FramedParser(Generic[StateT]):
+    """``feed(data) -> events``, ``feed_eof() -> events``; a ``StreamError`` carries the events
+    of its call from before the damage (``exc.events``); after it (or EOF) every later call
+    raises."""
 
     NAME: ClassVar[str]  # "multifd", "return-path": names the parser in its errors
 
@@ -39,22 +42,27 @@ class FramedParser(Generic[EventT, StateT]):
     def state(self) -> str:
         return str(self._state.value)
 
-    def feed(self, data: Buffer) -> list[EventT]:
+    @property
+    def events_before_error(self) -> list[Event]:
+        """Deprecated: the ``events`` of the ``StreamError`` that stopped the parser."""
+        return [] if self._error is None else list(self._error.events)
+
+    def feed(self, data: Buffer) -> list[Event]:
         self._check_usable()
         view = memoryview(data).cast("B")
-        events: list[EventT] = []
+        events: list[Event] = []
         pos, end = 0, len(view)
         try:
             while pos < end:
                 pos = self._step(view, pos, events)
         except StreamError as exc:
-            self._state, self._error = self._error_state, exc
+            self._fail(exc, events)
             raise
         finally:
             view.release()
         return events
 
-    def feed_eof(self) -> list[EventT]:
+    def feed_eof(self) -> list[Event]:
         self._check_usable()
         state = self._state
         self._state = self._eof_state
@@ -62,12 +70,12 @@ class FramedParser(Generic[EventT, StateT]):
         if message is None:
             return []
         exc = TruncatedStream(message, offset=self._offset, state=str(state.value))
-        self._state, self._error = self._error_state, exc
+        self._fail(exc, [])
         raise exc
 
     # -- for subclasses ----------------------------------------------------------------------------
 
-    def _step(self, view: memoryview, pos: int, events: list[EventT]) -> int:
+    def _step(self, view: memoryview, pos: int, events: list[Event]) -> int:
         """Consume bytes from ``view[pos:]`` in the current state; return the new ``pos``."""
         raise NotImplementedError
 
@@ -77,6 +85,10 @@ class FramedParser(Generic[EventT, StateT]):
 
     def _consumed(self, n: int) -> None:
         """``n`` header bytes were taken into the buffer (a hook for running statistics)."""
+
+    def _fail(self, exc: StreamError, events: list[Event]) -> None:
+        exc.events = tuple(events)
+        self._state, self._error = self._error_state, exc
 
     def _check_usable(self) -> None:
         if self._state is self._error_state:

@@ -2,8 +2,9 @@
 
 A stream names no QEMU version. But the configuration record names the machine type, and a
 QEMU runs no machine type newer than itself (``pc-q35-10.0`` means 10.0 or newer); and some
-records exist only from, or only until, a known release (reference §8). Each such sign narrows
-a ``[min, max]`` range and is kept as evidence, so a user can see why migtap says "7.2 to 8.1".
+records exist only from, or only until, a known release (``docs/stream-format.md`` §8). Each
+such sign narrows a ``[min, max]`` range and is kept as evidence, so a user can see why migtap
+says "7.2 to 8.1".
 
 ``GenerationTracker`` is sans-IO: feed it the parser's events with the side that sent them
 (the source writes the main and multifd channels, the destination the return path). It only
@@ -15,19 +16,22 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from migtap.wire.constants import MigCmd
 from migtap.wire.events import (
     Command,
     Configuration,
+    MultifdDeviceState,
+    MultifdPacket,
     RamMultifdFlush,
     RamPages,
+    RpSwitchoverAck,
     SectionHeader,
-    VmDescription,
 )
-from migtap.wire.multifd import MultifdDeviceState, MultifdPacket
-from migtap.wire.return_path import RpSwitchoverAck
+
+if TYPE_CHECKING:
+    from migtap.wire.vmdesc import VmdescDocument
 
 Version = tuple[int, int]
 
@@ -42,7 +46,7 @@ def fmt_version(v: Version) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Evidence:
-    """One sign in the stream and the bound it sets (reference section in ``why``)."""
+    """One sign in the stream and the bound it sets (``why`` cites ``docs/stream-format.md``)."""
 
     offset: int  # stream offset of the record that showed it (on its channel and direction)
     sign: str  # what was seen, e.g. "machine type pc-q35-10.0"
@@ -124,57 +128,65 @@ class _Sign:
 
 
 _SWITCHOVER_ACK: Final = _Sign(
-    "return path SWITCHOVER_ACK", min=(8, 1), why="switchover-ack capability (reference §6.2)"
+    "return path SWITCHOVER_ACK",
+    min=(8, 1),
+    why="switchover-ack capability (docs/stream-format.md §6.2)",
 )
 _COMPRESSED: Final = _Sign(
     "COMPRESS_PAGE records",
     max=(9, 0),
-    why="the compress capability was removed in 9.1 (reference §8)",
+    why="the compress capability was removed in 9.1 (docs/stream-format.md §8)",
 )
 _MULTIFD_ZERO: Final = _Sign(
     "zero pages inside multifd packets",
     min=(9, 0),
-    why="multifd zero-page detection (reference §5.2)",
+    why="multifd zero-page detection (docs/stream-format.md §5.2)",
 )
 _SYNC_WITH_PAGES: Final = _Sign(
     "multifd SYNC packet carrying pages",
     max=(8, 2),
-    why="SYNC packets are header-only from 9.0 (reference §5.5)",
+    why="SYNC packets are header-only from 9.0 (docs/stream-format.md §5.5)",
 )
 _DEVICE_STATE: Final = _Sign(
-    "multifd device-state packet", min=(10, 0), why="VFIO state over multifd (reference §5.3)"
+    "multifd device-state packet",
+    min=(10, 0),
+    why="VFIO state over multifd (docs/stream-format.md §5.3)",
 )
 _FLUSH: Final = _Sign(
     "RAM MULTIFD_FLUSH record",
     min=(8, 1),
-    why="per-round multifd sync marker (reference §3.2, §8)",
+    why="per-round multifd sync marker (docs/stream-format.md §3.2, §8)",
 )
 _SWITCHOVER_START: Final = _Sign(
-    "SWITCHOVER_START command", min=(10, 0), why="send-switchover-start (reference §1.2, §8)"
+    "SWITCHOVER_START command",
+    min=(10, 0),
+    why="send-switchover-start (docs/stream-format.md §1.2, §8)",
 )
 _BLOCK: Final = _Sign(
     "block migration section",
     max=(9, 0),
-    why="block migration was removed in 9.1 (reference §8)",
+    why="block migration was removed in 9.1 (docs/stream-format.md §8)",
 )
 
 _MAPPED_RAM: Final = _Sign(
-    "mapped-ram capability", min=(9, 0), why="a validated capability from 9.0 (reference §2.3)"
+    "mapped-ram capability",
+    min=(9, 0),
+    why="a validated capability from 9.0 (docs/stream-format.md §2.3)",
 )
 _VMDESC_CONFIGURATION: Final = _Sign(
     "vmdesc describes the configuration",
     min=(8, 2),
-    why="the vmdesc writer starts at the header from 8.2 (reference §4.1)",
+    why="the vmdesc writer starts at the header from 8.2 (docs/stream-format.md §4.1)",
 )
 _VMDESC_NO_CONFIGURATION: Final = _Sign(
     "configuration record sent but not described in the vmdesc",
     max=(8, 1),
-    why="8.2+ describes the configuration in the vmdesc (reference §4.1)",
+    why="8.2+ describes the configuration in the vmdesc (docs/stream-format.md §4.1)",
 )
 _NULLPTR: Final = _Sign(
     'vmdesc field of type "nullptr"',
     min=(10, 0),
-    why="null-pointer markers are described as such from 10.0 (reference §4.2)",
+    why="null-pointer markers are described as such from 10.0 (docs/stream-format.md §4.2)",
 )
 
 
@@ -201,7 +213,8 @@ class GenerationTracker:
     """Narrows the source's and the destination's QEMU version from events (module docstring).
 
     ``observe(event, from_source=...)`` returns True when an estimate changed, so a caller can
-    log the new range once per change rather than per event.
+    log the new range once per change rather than per event. The vmdesc's signs need its
+    parsed JSON: pass that (:func:`migtap.wire.vmdesc.parse_vmdesc`) to ``observe_vmdesc``.
     """
 
     def __init__(self) -> None:
@@ -217,8 +230,6 @@ class GenerationTracker:
             return False
         if isinstance(event, Configuration):
             return self._on_configuration(event)
-        if isinstance(event, VmDescription):
-            return self._on_vmdesc(event)
         sign = _record_sign(event)
         return sign is not None and self.source.add(sign.at(getattr(event, "offset", 0)))
 
@@ -240,15 +251,17 @@ class GenerationTracker:
             changed |= self.source.add(_MAPPED_RAM.at(event.offset))
         return changed
 
-    def _on_vmdesc(self, event: VmDescription) -> bool:
-        desc = event.desc
+    def observe_vmdesc(self, doc: VmdescDocument) -> bool:
+        """The source's vmdesc, parsed; True if an estimate changed. Call it after the events
+        before the vmdesc (the configuration record) were observed."""
+        desc = doc.desc
         changed = False
         if "configuration" in desc:
-            changed |= self.source.add(_VMDESC_CONFIGURATION.at(event.offset))
+            changed |= self.source.add(_VMDESC_CONFIGURATION.at(doc.offset))
         elif self._has_configuration:
-            changed |= self.source.add(_VMDESC_NO_CONFIGURATION.at(event.offset))
+            changed |= self.source.add(_VMDESC_NO_CONFIGURATION.at(doc.offset))
         if _has_field_type(desc.get("devices"), "nullptr"):
-            changed |= self.source.add(_NULLPTR.at(event.offset))
+            changed |= self.source.add(_NULLPTR.at(doc.offset))
         return changed
 
 

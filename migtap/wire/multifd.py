@@ -1,4 +1,4 @@
-"""Sans-IO parser for one multifd channel (src->dst), reference §5.
+"""Sans-IO parser for one multifd channel (src->dst), ``docs/stream-format.md`` §5.
 
 A channel is a 64-byte ``MultiFDInit_t`` followed by packets. A RAM packet is a fixed-length header
 (``320 + 8 * page_count`` bytes, where ``page_count = MULTIFD_PACKET_SIZE // page_size``; both QEMUs
@@ -23,26 +23,63 @@ import struct
 import uuid
 from dataclasses import dataclass
 from enum import Enum
-from typing import ClassVar, Final, assert_never
+from typing import TYPE_CHECKING, ClassVar, Final, assert_never
 
 from typing_extensions import Buffer
 
 from migtap.errors import StreamError, UnsupportedStream
+from migtap.wire.constants import (
+    MULTIFD_FLAG_COMPRESSION_MASK,
+    MULTIFD_FLAG_DEVICE_STATE,
+    MULTIFD_FLAG_NOCOMP,
+    MULTIFD_FLAG_QATZIP,
+    MULTIFD_FLAG_QPL,
+    MULTIFD_FLAG_SYNC,
+    MULTIFD_FLAG_UADK,
+    MULTIFD_FLAG_ZLIB,
+    MULTIFD_FLAG_ZSTD,
+)
+from migtap.wire.events import MultifdDeviceState, MultifdEvent, MultifdInit, MultifdPacket
 from migtap.wire.framing import FramedParser
+
+if TYPE_CHECKING:
+    from migtap.wire.events import Event
+
+__all__ = [
+    "MIN_PAGE_SIZE",
+    "MULTIFD_COMPRESSIONS",
+    "MULTIFD_DEVICE_STATE_HDR_SIZE",
+    "MULTIFD_FLAG_COMPRESSION_MASK",
+    "MULTIFD_FLAG_DEVICE_STATE",
+    "MULTIFD_FLAG_NOCOMP",
+    "MULTIFD_FLAG_QATZIP",
+    "MULTIFD_FLAG_QPL",
+    "MULTIFD_FLAG_SYNC",
+    "MULTIFD_FLAG_UADK",
+    "MULTIFD_FLAG_ZLIB",
+    "MULTIFD_FLAG_ZSTD",
+    "MULTIFD_HDR_SIZE",
+    "MULTIFD_IDSTR_SIZE",
+    "MULTIFD_INIT_SIZE",
+    "MULTIFD_KNOWN_FLAGS",
+    "MULTIFD_MAGIC",
+    "MULTIFD_PACKET_SIZE",
+    "MULTIFD_RAM_HDR_FIXED",
+    "MULTIFD_VERSION",
+    # Deprecated re-exports: import the events from migtap.wire.events.
+    "MultifdDeviceState",
+    "MultifdEvent",
+    "MultifdInit",
+    "MultifdPacket",
+    "MultifdParser",
+    "MultifdStats",
+    "ResentPages",
+]
 
 MULTIFD_MAGIC: Final = 0x11223344
 MULTIFD_VERSION: Final = 1
 MULTIFD_PACKET_SIZE: Final = 512 * 1024
 
-MULTIFD_FLAG_SYNC: Final = 1 << 0
-MULTIFD_FLAG_COMPRESSION_MASK: Final = 0x3E  # 9.2+ width; 7.2-9.0 used 0x0E, 9.1 0x1E
-MULTIFD_FLAG_NOCOMP: Final = 0 << 1
-MULTIFD_FLAG_ZLIB: Final = 1 << 1
-MULTIFD_FLAG_ZSTD: Final = 2 << 1
-MULTIFD_FLAG_QPL: Final = 4 << 1  # 9.1+
-MULTIFD_FLAG_UADK: Final = 8 << 1  # 9.1+
-MULTIFD_FLAG_QATZIP: Final = 16 << 1  # 9.2+
-MULTIFD_FLAG_DEVICE_STATE: Final = 1 << 6  # 10.0+
 MULTIFD_KNOWN_FLAGS: Final = (
     MULTIFD_FLAG_SYNC | MULTIFD_FLAG_COMPRESSION_MASK | MULTIFD_FLAG_DEVICE_STATE
 )
@@ -68,46 +105,6 @@ _INIT = struct.Struct(">II16sB")
 _RAM = struct.Struct(">IIIIIIQI")  # magic version flags alloc normal next packet_num zero
 _BE64 = struct.Struct(">Q")
 _DEVICE_STATE_TAIL = struct.Struct(">II")  # instance_id, next_packet_size (at 268)
-
-
-@dataclass(frozen=True, slots=True)
-class MultifdInit:
-    offset: int  # absolute channel offset of the magic (always 0)
-    version: int
-    uuid: uuid.UUID  # source VM UUID; all zero without -uuid
-    channel_id: int  # a single byte, so no endianness (reference §5.1)
-
-
-@dataclass(frozen=True, slots=True)
-class MultifdPacket:
-    offset: int  # absolute channel offset of the packet magic
-    flags: int
-    packet_num: int  # global sequence number across all channels
-    pages_alloc: int  # sender's page_count (master SYNC packets: 0)
-    normal_pages: int
-    zero_pages: int  # 9.0+; 0 before
-    next_packet_size: int  # as sent; stale in 7.2-8.1 empty packets
-    ramblock: str  # may be stale (previous block) before 9.2
-    payload_bytes: int  # bytes that follow the header (skipped)
-    sync: bool  # MULTIFD_FLAG_SYNC: the sender's sync point (paired with EOS or MULTIFD_FLUSH)
-    first_page: int | None = None  # offset in ramblock of the first normal page
-    last_page: int | None = None  # offset in ramblock of the last normal page
-
-    @property
-    def compression(self) -> int:
-        return self.flags & MULTIFD_FLAG_COMPRESSION_MASK
-
-
-@dataclass(frozen=True, slots=True)
-class MultifdDeviceState:
-    offset: int  # absolute channel offset of the packet magic
-    flags: int
-    idstr: str
-    instance_id: int
-    payload_bytes: int  # next_packet_size: device state bytes that follow (skipped)
-
-
-MultifdEvent = MultifdInit | MultifdPacket | MultifdDeviceState
 
 
 @dataclass(slots=True)
@@ -172,7 +169,7 @@ def _cstring(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
 
 
-class MultifdParser(FramedParser[MultifdEvent, _State]):
+class MultifdParser(FramedParser[_State]):
     """Parse one multifd channel: ``feed(data) -> events``, ``feed_eof() -> events``."""
 
     NAME = "multifd"
@@ -210,7 +207,7 @@ class MultifdParser(FramedParser[MultifdEvent, _State]):
     def _error_at(self, message: str, at: int, cls: type[StreamError] = StreamError) -> StreamError:
         return cls(message, offset=at, state=self._state.value)
 
-    def _step(self, view: memoryview, pos: int, events: list[MultifdEvent]) -> int:
+    def _step(self, view: memoryview, pos: int, events: list[Event]) -> int:
         match self._state:
             case _State.INIT:
                 return self._read_init(view, pos, events)
@@ -243,7 +240,7 @@ class MultifdParser(FramedParser[MultifdEvent, _State]):
 
     # -- one method per state --------------------------------------------------------------------
 
-    def _read_init(self, view: memoryview, pos: int, events: list[MultifdEvent]) -> int:
+    def _read_init(self, view: memoryview, pos: int, events: list[Event]) -> int:
         pos = self._fill(view, pos, MULTIFD_INIT_SIZE)
         if len(self._buf) < MULTIFD_INIT_SIZE:
             return pos
@@ -286,7 +283,7 @@ class MultifdParser(FramedParser[MultifdEvent, _State]):
             self._state = _State.RAM_HEADER
         return pos
 
-    def _read_ram_header(self, view: memoryview, pos: int, events: list[MultifdEvent]) -> int:
+    def _read_ram_header(self, view: memoryview, pos: int, events: list[Event]) -> int:
         pos = self._fill(view, pos, self.ram_header_size)
         if len(self._buf) < self.ram_header_size:
             return pos
@@ -346,9 +343,7 @@ class MultifdParser(FramedParser[MultifdEvent, _State]):
         self._start_payload(payload)
         return pos
 
-    def _read_device_state_header(
-        self, view: memoryview, pos: int, events: list[MultifdEvent]
-    ) -> int:
+    def _read_device_state_header(self, view: memoryview, pos: int, events: list[Event]) -> int:
         pos = self._fill(view, pos, MULTIFD_DEVICE_STATE_HDR_SIZE)
         if len(self._buf) < MULTIFD_DEVICE_STATE_HDR_SIZE:
             return pos

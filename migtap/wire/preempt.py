@@ -1,4 +1,5 @@
-"""The postcopy-preempt channel (sans-IO): RAM page records back to back, no header (§7.4).
+"""The postcopy-preempt channel (sans-IO): RAM page records back to back, no header
+(``docs/stream-format.md`` §7.4).
 
 With the ``postcopy-preempt`` capability the source sends the pages the destination asked for
 on a connection of their own, so that they do not queue behind the background transfer on the
@@ -14,7 +15,7 @@ channel's RAM block list, which the caller passes in.
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, NoReturn
 
 from migtap.errors import StreamError, TruncatedStream, UnsupportedStream
 from migtap.wire.buffer import Buffer, NeedData
@@ -71,7 +72,7 @@ class PreemptParser:
 
     Emits ``RamPages`` runs (``section_id`` 0; their ``round`` numbers mean nothing here: the
     pages come in the order the destination asked for them) and ``RamEndOfSection`` for an EOS.
-    After a ``StreamError`` every later call raises it again.
+    Errors follow :class:`migtap.wire.parser.Parser`.
     """
 
     def __init__(self, page_size: int = 4096, blocks: Iterable[RamBlock] = ()) -> None:
@@ -81,8 +82,6 @@ class PreemptParser:
             self._ram.add_block(blk.idstr.encode("ascii", "replace"), blk.used_length)
         self._error: StreamError | None = None
         self._eof = False
-        #: After a ``StreamError``: the events of that ``feed`` from before the error.
-        self.events_before_error: list[Event] = []
 
     @property
     def offset(self) -> int:
@@ -93,37 +92,62 @@ class PreemptParser:
         return "ram record"
 
     @property
+    def page_size(self) -> int:
+        return self._ram.page_size
+
+    @property
     def ram_stats(self) -> RamStats:
         return self._ram.stats
 
+    @property
+    def events_before_error(self) -> list[Event]:
+        """Deprecated: the ``events`` of the ``StreamError`` that stopped the parser."""
+        return [] if self._error is None else list(self._error.events)
+
     def feed(self, data: BufferLike) -> list[Event]:
-        if self._error is not None:
-            raise self._error
-        if self._eof:
-            raise StreamError("preempt parser fed after EOF", offset=self.offset, state="end")
+        self._check_usable()
         out: list[Event] = []
         with memoryview(data) as view, view.cast("B") as flat:
             self._parse(flat, out)
         return out
 
     def feed_eof(self) -> list[Event]:
-        if self._error is not None:
-            raise self._error
+        self._check_usable()
         self._eof = True
         missing = self._ram.skip or self._b.unload()
         if missing:
-            self._error = TruncatedStream(
-                "postcopy-preempt channel ended inside a RAM record",
-                offset=self.offset,
-                state=self.state,
+            self._fail(
+                TruncatedStream(
+                    "postcopy-preempt channel ended inside a RAM record",
+                    offset=self.offset,
+                    state=self.state,
+                ),
+                [],
             )
-            raise self._error
         return []
+
+    def _check_usable(self) -> None:
+        if self._error is not None:
+            raise StreamError(
+                f"postcopy-preempt parser stopped by an earlier error: {self._error}",
+                offset=self.offset,
+                state="error",
+            ) from self._error
+        if self._eof:
+            raise StreamError(
+                "postcopy-preempt parser fed after EOF", offset=self.offset, state="end"
+            )
+
+    def _fail(self, exc: StreamError, out: list[Event]) -> NoReturn:
+        exc.events = tuple(out)
+        self._error = exc
+        raise exc
 
     def _parse(self, data: memoryview, out: list[Event]) -> None:  # noqa: C901
         b = self._b
         ram = self._ram
         b.load(data)
+        error: StreamError | None = None
         try:
             while True:
                 if ram.skip:
@@ -149,17 +173,16 @@ class PreemptParser:
             b.rollback()
         except RamFormatError as exc:
             cls = UnsupportedStream if exc.unsupported else StreamError
-            self._error = cls(str(exc), offset=exc.offset, state=self.state)
+            error = cls(str(exc), offset=exc.offset, state=self.state)
         except StreamError as exc:
-            self._error = exc
+            error = exc
         finally:
             pending = b.unload()
-        if self._error is None and pending > MAX_PENDING:
-            self._error = StreamError(
+        if error is None and pending > MAX_PENDING:
+            error = StreamError(
                 f"{pending} bytes pending in one record header",
                 offset=self.offset,
                 state=self.state,
             )
-        if self._error is not None:
-            self.events_before_error = out
-            raise self._error
+        if error is not None:
+            self._fail(error, out)

@@ -3,11 +3,12 @@
 Page payloads are counted and skipped, never buffered. Page records are reported as runs
 (``RamPages``), not one object per page, and summed into ``RamStats``.
 
-Rounds (passes over RAM, §3.4 of the reference) are inferred: a page record starts a new round
-when its position (block index in MEM_SIZE order, then offset in the block) is not after the
-previous page record's position, or when it is the first page after a ``MULTIFD_FLUSH``
-(8.1+ writes one at every scan wrap). Postcopy page requests also move the position back, so
-rounds in the postcopy phase are approximate; dirty-bitmap syncs are not on the wire at all.
+Rounds (passes over RAM, ``docs/stream-format.md`` §3.4) are inferred: a page record starts a
+new round when its position (block index in MEM_SIZE order, then offset in the block) is not
+after the previous page record's position, or when it is the first page after a
+``MULTIFD_FLUSH`` (8.1+ writes one at every scan wrap). Postcopy page requests also move the
+position back, so rounds in the postcopy phase are approximate; dirty-bitmap syncs are not on
+the wire at all.
 
 Multi-thread compression (7.2-9.0) writes a thread's records only when that thread is given
 new work, so a slow page can come hundreds of pages late (400 seen on 7.2) within its round

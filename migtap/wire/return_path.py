@@ -1,4 +1,5 @@
-"""Sans-IO parser for the return path (dst->src bytes on the main socket), reference §6.
+"""Sans-IO parser for the return path (dst->src bytes on the main socket), see
+``docs/stream-format.md`` §6 and QEMU's ``migration/migration.c``.
 
 Each message is a be16 type, a be16 payload length and the payload (at most 512 bytes, the source's
 limit in ``source_return_path_thread``). One message breaks that framing: ``RECV_BITMAP`` (postcopy
@@ -12,14 +13,46 @@ known ones (8+, none in 7.2..master) is an :class:`UnsupportedStream`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import Enum, IntEnum
-from typing import Final, assert_never
+from typing import TYPE_CHECKING, Final, assert_never
 
 from typing_extensions import Buffer
 
 from migtap.errors import StreamError, UnsupportedStream
+from migtap.wire.events import (
+    ReturnPathEvent,
+    RpPong,
+    RpRecvBitmap,
+    RpReqPages,
+    RpReqPagesId,
+    RpResumeAck,
+    RpShut,
+    RpSwitchoverAck,
+)
 from migtap.wire.framing import FramedParser
+
+if TYPE_CHECKING:
+    from migtap.wire.events import Event
+
+__all__ = [
+    "MIGRATION_RESUME_ACK_VALUE",
+    "MIG_RP_HEADER_SIZE",
+    "MIG_RP_MAX_PAYLOAD",
+    "RAMBLOCK_RECV_BITMAP_ENDING",
+    "RECV_BITMAP_SIZE_FIELD",
+    "RP_MSG_LENGTHS",
+    "MigRpMessageType",
+    # Deprecated re-exports: import the events from migtap.wire.events.
+    "ReturnPathEvent",
+    "ReturnPathParser",
+    "RpPong",
+    "RpRecvBitmap",
+    "RpReqPages",
+    "RpReqPagesId",
+    "RpResumeAck",
+    "RpShut",
+    "RpSwitchoverAck",
+]
 
 MIG_RP_HEADER_SIZE: Final = 4
 MIG_RP_MAX_PAYLOAD: Final = 512  # max_len in source_return_path_thread
@@ -39,77 +72,18 @@ class MigRpMessageType(IntEnum):
     MIG_RP_MSG_SWITCHOVER_ACK = 7  # 8.1+
 
 
-MIG_RP_MSG_SHUT: Final = MigRpMessageType.MIG_RP_MSG_SHUT
-MIG_RP_MSG_PONG: Final = MigRpMessageType.MIG_RP_MSG_PONG
-MIG_RP_MSG_REQ_PAGES_ID: Final = MigRpMessageType.MIG_RP_MSG_REQ_PAGES_ID
-MIG_RP_MSG_REQ_PAGES: Final = MigRpMessageType.MIG_RP_MSG_REQ_PAGES
-MIG_RP_MSG_RECV_BITMAP: Final = MigRpMessageType.MIG_RP_MSG_RECV_BITMAP
-MIG_RP_MSG_RESUME_ACK: Final = MigRpMessageType.MIG_RP_MSG_RESUME_ACK
-MIG_RP_MSG_SWITCHOVER_ACK: Final = MigRpMessageType.MIG_RP_MSG_SWITCHOVER_ACK
-
 # rp_cmd_args: fixed payload lengths; None = variable (checked by the decoder).
 RP_MSG_LENGTHS: Final[dict[MigRpMessageType, int | None]] = {
-    MIG_RP_MSG_SHUT: 4,
-    MIG_RP_MSG_PONG: 4,
-    MIG_RP_MSG_REQ_PAGES_ID: None,
-    MIG_RP_MSG_REQ_PAGES: 12,
-    MIG_RP_MSG_RECV_BITMAP: None,
-    MIG_RP_MSG_RESUME_ACK: 4,
-    MIG_RP_MSG_SWITCHOVER_ACK: 0,
+    MigRpMessageType.MIG_RP_MSG_SHUT: 4,
+    MigRpMessageType.MIG_RP_MSG_PONG: 4,
+    MigRpMessageType.MIG_RP_MSG_REQ_PAGES_ID: None,
+    MigRpMessageType.MIG_RP_MSG_REQ_PAGES: 12,
+    MigRpMessageType.MIG_RP_MSG_RECV_BITMAP: None,
+    MigRpMessageType.MIG_RP_MSG_RESUME_ACK: 4,
+    MigRpMessageType.MIG_RP_MSG_SWITCHOVER_ACK: 0,
 }
 
 _REQ_SIZE: Final = 12  # be64 start, be32 length
-
-
-@dataclass(frozen=True, slots=True)
-class RpShut:
-    offset: int  # absolute offset of the message type field
-    value: int  # 0 = the destination finished fine; non-zero = it failed
-
-
-@dataclass(frozen=True, slots=True)
-class RpPong:
-    offset: int
-    value: int  # echo of the PING value
-
-
-@dataclass(frozen=True, slots=True)
-class RpReqPagesId:
-    offset: int
-    start: int  # byte offset inside the block
-    length: int  # bytes requested
-    ramblock: str
-
-
-@dataclass(frozen=True, slots=True)
-class RpReqPages:
-    offset: int
-    start: int
-    length: int
-    ramblock: str | None  # the block last named by a REQ_PAGES_ID (None if none came yet)
-
-
-@dataclass(frozen=True, slots=True)
-class RpRecvBitmap:
-    offset: int  # of the message; emitted once the trailing bitmap size has been read
-    ramblock: str
-    bitmap_bytes: int  # size of the little-endian bitmap that follows (skipped)
-
-
-@dataclass(frozen=True, slots=True)
-class RpResumeAck:
-    offset: int
-    value: int  # MIGRATION_RESUME_ACK_VALUE
-
-
-@dataclass(frozen=True, slots=True)
-class RpSwitchoverAck:
-    offset: int
-
-
-ReturnPathEvent = (
-    RpShut | RpPong | RpReqPagesId | RpReqPages | RpRecvBitmap | RpResumeAck | RpSwitchoverAck
-)
 
 
 class _State(Enum):
@@ -144,13 +118,14 @@ def _cstr(payload: bytes, at: int) -> tuple[str, int] | None:
     return payload[at + 1 : end].decode("utf-8", "backslashreplace"), end
 
 
-class ReturnPathParser(FramedParser[ReturnPathEvent, _State]):
+class ReturnPathParser(FramedParser[_State]):
     """Parse dst->src return-path bytes: ``feed(data) -> events``, ``feed_eof() -> events``."""
 
     NAME = "return-path"
 
-    def __init__(self) -> None:
+    def __init__(self, page_size: int = 4096) -> None:
         super().__init__(_State.HEADER, _State.EOF, _State.ERROR)
+        self.page_size = page_size  # the contract's; page requests are in bytes
         self._msg_type = 0
         self._msg_len = 0
         self._remaining = 0  # bitmap bytes still to skip
@@ -174,7 +149,7 @@ class ReturnPathParser(FramedParser[ReturnPathEvent, _State]):
         where = self._record_offset if at is None else at
         return cls(message, offset=where, state=self._state.value)
 
-    def _step(self, view: memoryview, pos: int, events: list[ReturnPathEvent]) -> int:
+    def _step(self, view: memoryview, pos: int, events: list[Event]) -> int:
         match self._state:
             case _State.HEADER:
                 return self._read_header(view, pos, events)
@@ -199,7 +174,7 @@ class ReturnPathParser(FramedParser[ReturnPathEvent, _State]):
 
     # -- one method per state --------------------------------------------------------------------
 
-    def _read_header(self, view: memoryview, pos: int, events: list[ReturnPathEvent]) -> int:
+    def _read_header(self, view: memoryview, pos: int, events: list[Event]) -> int:
         pos = self._fill(view, pos, MIG_RP_HEADER_SIZE)
         if len(self._buf) < MIG_RP_HEADER_SIZE:
             return pos
@@ -229,13 +204,13 @@ class ReturnPathParser(FramedParser[ReturnPathEvent, _State]):
             self._decode(b"", events)
         return pos
 
-    def _read_payload(self, view: memoryview, pos: int, events: list[ReturnPathEvent]) -> int:
+    def _read_payload(self, view: memoryview, pos: int, events: list[Event]) -> int:
         pos = self._fill(view, pos, self._msg_len)
         if len(self._buf) == self._msg_len:
             self._decode(bytes(self._buf), events)
         return pos
 
-    def _decode(self, payload: bytes, events: list[ReturnPathEvent]) -> None:
+    def _decode(self, payload: bytes, events: list[Event]) -> None:
         at = self._record_offset
         kind = MigRpMessageType(self._msg_type)
         match kind:
@@ -287,7 +262,7 @@ class ReturnPathParser(FramedParser[ReturnPathEvent, _State]):
         del self._buf[:]
         self._state = _State.BITMAP_SIZE
 
-    def _read_bitmap_size(self, view: memoryview, pos: int, events: list[ReturnPathEvent]) -> int:
+    def _read_bitmap_size(self, view: memoryview, pos: int, events: list[Event]) -> int:
         pos = self._fill(view, pos, RECV_BITMAP_SIZE_FIELD)
         if len(self._buf) < RECV_BITMAP_SIZE_FIELD:
             return pos

@@ -5,21 +5,20 @@
         events = parser.feed(chunk)
     events = parser.feed_eof()
 
-Errors: a call that meets bytes breaking the format raises one ``StreamError`` (offset, state,
-what was expected). The events that same call produced before the damage are in
-``parser.events_before_error``. After that the parser stays failed: every later ``feed`` or
-``feed_eof`` raises the same error again. Nothing but ``StreamError`` escapes.
+Errors follow :class:`migtap.wire.parser.Parser`: a call that meets bytes breaking the format
+raises one ``StreamError`` (offset, state, what was expected) whose ``events`` are the events
+that same call produced before the damage. After that the parser stays failed: every later
+``feed`` or ``feed_eof`` raises. Anything but a ``StreamError`` escaping is a parser bug.
 
-See ``shared/reference/migration-stream.md`` §2 (records), §3 (RAM), §7 (commands),
-§9 (inference). RAM records are read by ``migtap.wire.ram``.
+See ``docs/stream-format.md`` §2 (records), §3 (RAM), §7 (commands), §9 (inference), and QEMU's
+``migration/savevm.c``. RAM records are read by ``migtap.wire.ram``.
 """
 
 from __future__ import annotations
 
-import json
 import struct
-from enum import Enum, auto
-from typing import TYPE_CHECKING, Final, Literal
+from enum import StrEnum, auto
+from typing import TYPE_CHECKING, Final, Literal, NoReturn
 
 from typing_extensions import Buffer as BufferLike
 
@@ -109,8 +108,8 @@ _MISPLACED: Final[dict[int, str]] = {
 }
 
 
-class State(Enum):
-    """What the parser expects next."""
+class State(StrEnum):
+    """What the parser expects next (the value is the lower-case name)."""
 
     HEADER = auto()  # file header: magic, version
     CONFIGURATION = auto()  # optional CONFIGURATION record right after the header
@@ -179,7 +178,6 @@ class StreamParser:
         self._eof = False
         self._ended_inside = False  # the stream ended inside a section without length
         self._error: StreamError | None = None
-        self.events_before_error: list[Event] = []
         # the record being read
         self._rec_offset = offset
         self._cur_id = 0
@@ -244,17 +242,18 @@ class StreamParser:
 
     @property
     def error(self) -> StreamError | None:
+        """The ``StreamError`` that stopped the parser, if one did."""
         return self._error
+
+    @property
+    def events_before_error(self) -> list[Event]:
+        """Deprecated: the ``events`` of the ``StreamError`` that stopped the parser."""
+        return [] if self._error is None else list(self._error.events)
 
     def feed(self, data: BufferLike) -> list[Event]:
         """Parse the next bytes of the stream; return the events they complete."""
-        if self._error is not None:
-            raise self._error
+        self._check_usable()
         out: list[Event] = []
-        if self._eof:
-            self._fail(
-                StreamError("data fed after feed_eof()", offset=self.offset, state="end"), out
-            )
         if isinstance(data, bytes):
             self._parse(data, out)
             return out
@@ -266,14 +265,22 @@ class StreamParser:
 
     def feed_eof(self) -> list[Event]:
         """The stream has ended: finish what can be finished, raise if it ended too early."""
-        if self._error is not None:
-            raise self._error
+        self._check_usable()
         out: list[Event] = []
-        if not self._eof:
-            self._eof = True
-            self._parse(b"", out)
-            self._check_end(out)
+        self._eof = True
+        self._parse(b"", out)
+        self._check_end(out)
         return out
+
+    def _check_usable(self) -> None:
+        if self._error is not None:
+            raise StreamError(
+                f"stream parser stopped by an earlier error: {self._error}",
+                offset=self.offset,
+                state=State.ERROR,
+            ) from self._error
+        if self._eof:
+            raise StreamError("stream parser fed after feed_eof()", offset=self.offset, state="end")
 
     # -- driving ------------------------------------------------------------------------------
     def _parse(self, data: bytes | memoryview, out: list[Event]) -> None:
@@ -293,13 +300,6 @@ class StreamParser:
         except RamFormatError as exc:
             cls = UnsupportedStream if exc.unsupported else StreamError
             err = cls(str(exc), offset=exc.offset, state="ram record", section=RAM_IDSTR)
-            self._fail(err, out, exc)
-        except (ValueError, IndexError, KeyError, OverflowError, struct.error) as exc:
-            err = StreamError(
-                f"malformed input ({type(exc).__name__}: {exc})",
-                offset=self._b.offset,
-                state=self._state.name.lower(),
-            )
             self._fail(err, out, exc)
         finally:
             pending = b.unload()
@@ -328,10 +328,14 @@ class StreamParser:
                 b.rollback()
                 return
 
-    def _fail(self, err: StreamError, out: list[Event], cause: BaseException | None = None) -> None:
+    def _fail(
+        self, err: StreamError, out: list[Event], cause: BaseException | None = None
+    ) -> NoReturn:
         self._state = State.ERROR
         self._error = err
-        self.events_before_error = out
+        err.events = tuple(out)
+        if cause is None:
+            raise err
         raise err from cause
 
     def _err(self, message: str, *, offset: int | None = None, state: str | None = None) -> None:
@@ -706,7 +710,8 @@ class StreamParser:
         return True
 
     def _peek_block_page_size(self, more_blocks: bool) -> int | None:
-        """The optional be64 block page size (postcopy-ram with huge pages), §9.3."""
+        """The optional be64 block page size (postcopy-ram with huge pages),
+        ``docs/stream-format.md`` §9.3."""
         b = self._b
         if more_blocks:
             if b.peek_u8() != 0:  # a block name length is >= 1: no page size here
@@ -881,17 +886,7 @@ class StreamParser:
             return False
         text = bytes(self._vmdesc)
         self._vmdesc.clear()
-        try:
-            desc = json.loads(text)
-        except (ValueError, RecursionError) as exc:
-            raise StreamError(
-                f"VMDESCRIPTION is not valid JSON: {exc}", offset=self._rec_offset, state="vmdesc"
-            ) from exc
-        if not isinstance(desc, dict):
-            self._err("VMDESCRIPTION JSON is not an object")
-        ps = desc.get("page_size")
-        page_size = ps if isinstance(ps, int) and not isinstance(ps, bool) else None
-        out.append(VmDescription(self._rec_offset, text, desc, page_size))
+        out.append(VmDescription(self._rec_offset, text))
         self._state = State.DONE
         return True
 

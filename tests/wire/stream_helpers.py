@@ -48,7 +48,7 @@ def parse_chunks(chunks: Iterable[bytes | bytearray | memoryview], **kw: object)
             events += parser.feed(chunk)
         events += parser.feed_eof()
     except StreamError as exc:
-        events += parser.events_before_error
+        events += exc.events
         return normalize(events), (type(exc), exc.offset, str(exc))
     return normalize(events), None
 

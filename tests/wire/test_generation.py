@@ -7,11 +7,12 @@ import json
 import pytest
 
 from migtap.wire.constants import MigCmd, SectionType
-from migtap.wire.events import Command, VmDescription
+from migtap.wire.events import Command, MultifdPacket, VmDescription
 from migtap.wire.generation import Estimate, Evidence, GenerationTracker
-from migtap.wire.multifd import MultifdPacket, MultifdParser
+from migtap.wire.multifd import MultifdParser
 from migtap.wire.return_path import ReturnPathParser
 from migtap.wire.stream import StreamParser
+from migtap.wire.vmdesc import VmdescDocument, parse_vmdesc
 from tests import streams as s
 from tests.fixtures import fixture
 from tests.wire.mfd_streams import mfd_init, mfd_packet, rp_pong, rp_switchover_ack
@@ -23,7 +24,9 @@ def track(data: bytes, tracker: GenerationTracker | None = None) -> GenerationTr
     tracker = tracker or GenerationTracker()
     parser = StreamParser(page_size=s.PAGE)
     for e in [*parser.feed(data), *parser.feed_eof()]:
-        tracker.observe(e)
+        assert tracker.observe(e) is False or not isinstance(e, VmDescription)
+        if isinstance(e, VmDescription):
+            tracker.observe_vmdesc(parse_vmdesc(e))
     return tracker
 
 
@@ -160,5 +163,5 @@ def test_real_7_2_fixtures() -> None:
         t.observe(e)
     assert t.machine_type == "pc-i440fx-7.2"
     desc = json.loads(fixture("vmdesc-pc-i440fx-7.2.json").read_bytes())
-    t.observe(VmDescription(0, b"", desc))
+    t.observe_vmdesc(VmdescDocument(0, desc))
     assert t.source.text() == "7.2 to 8.1"

@@ -12,7 +12,6 @@ from migtap.wire.multifd import (
     MULTIFD_FLAG_SYNC,
     MULTIFD_FLAG_ZLIB,
     MultifdDeviceState,
-    MultifdEvent,
     MultifdInit,
     MultifdPacket,
     MultifdParser,
@@ -23,6 +22,8 @@ from tests.wire.mfd_streams import mfd_device_state, mfd_init, mfd_packet, mfd_s
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
+
+    from migtap.wire.events import Event
 
 SMALL = 65536  # page size giving 8 pages per packet and a 384-byte header: short test streams
 
@@ -59,7 +60,7 @@ def parse_in_pieces(
     cuts: Iterable[int],
     page_size: int = SMALL,
     kind: Callable[[bytes], object] = bytes,
-) -> tuple[list[MultifdEvent], MultifdStats]:
+) -> tuple[list[Event], MultifdStats]:
     parser, events, start = MultifdParser(page_size=page_size), [], 0
     for cut in [*sorted(cuts), len(data)]:
         events += parser.feed(kind(data[start:cut]))  # type: ignore[arg-type]
@@ -87,13 +88,13 @@ def test_fixture_72_first_packets() -> None:
     )
     assert loaded.offset == 64 + 1344
     assert isinstance(loaded, MultifdPacket)
-    assert (loaded.flags, loaded.pages_alloc, loaded.normal_pages) == (MULTIFD_FLAG_SYNC, 128, 128)
-    assert (loaded.next_packet_size, loaded.ramblock) == (524288, "pc.ram")
+    assert (loaded.flags, loaded.pages_alloc, loaded.normal_pages) == (0, 128, 128)
+    assert (loaded.packet_num, loaded.next_packet_size, loaded.ramblock) == (2, 524288, "pc.ram")
     assert loaded.payload_bytes == 128 * 4096
-    assert loaded.sync
+    assert not loaded.sync
     assert loaded.compression == 0
     assert parser.stats == MultifdStats(
-        packets=2, sync_packets=2, normal_pages=128, bytes=len(data), payload_bytes=0
+        packets=2, sync_packets=1, normal_pages=128, bytes=len(data), payload_bytes=0
     )
     with pytest.raises(TruncatedStream) as info:
         parser.feed_eof()
@@ -105,7 +106,7 @@ def test_fixture_72_first_packets() -> None:
 def test_fixture_split_everywhere() -> None:
     data = fixture("multifd-ch0.first-packets.bin").read_bytes()
 
-    def run(cuts: list[int]) -> list[MultifdEvent]:
+    def run(cuts: list[int]) -> list[Event]:
         parser, events, start = MultifdParser(), [], 0
         for cut in [*cuts, len(data)]:
             events += parser.feed(data[start:cut])
@@ -215,7 +216,7 @@ def test_split_does_not_matter(version: str, raw_cuts: list[int]) -> None:
     assert parse_in_pieces(data, cuts) == parse_in_pieces(data, [])
 
 
-def _parse_all(parser: MultifdParser, data: bytes) -> list[MultifdEvent]:
+def _parse_all(parser: MultifdParser, data: bytes) -> list[Event]:
     return parser.feed(data) + parser.feed_eof()
 
 

@@ -69,8 +69,9 @@ def test_a_record_cut_short_is_truncated() -> None:
     with pytest.raises(TruncatedStream) as err:
         parser.feed_eof()
     assert "inside a RAM record" in str(err.value)
-    with pytest.raises(TruncatedStream):  # sticky
+    with pytest.raises(StreamError, match="stopped by an earlier error") as again:  # sticky
         parser.feed(b"")
+    assert again.value.__cause__ is err.value
 
 
 def test_unknown_block_and_foreign_records_are_stream_errors() -> None:
@@ -81,9 +82,9 @@ def test_unknown_block_and_foreign_records_are_stream_errors() -> None:
         PreemptParser(PAGE, BLOCKS).feed(s.page(0, "pc.ram") + s.mem_size([("pc.ram", PAGE)]))
     assert "postcopy-preempt" in str(unsupported.value)
     parser = PreemptParser(PAGE, BLOCKS)
-    with pytest.raises(StreamError):
+    with pytest.raises(StreamError) as info:
         parser.feed(s.page(0, "pc.ram") + b"\xff" * 8)
-    assert sum(e.normal for e in parser.events_before_error if isinstance(e, RamPages)) == 1
+    assert sum(e.normal for e in info.value.events if isinstance(e, RamPages)) == 1
 
 
 @pytest.mark.parametrize(

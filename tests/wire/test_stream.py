@@ -32,6 +32,7 @@ from migtap.wire.events import (
     VmDescription,
 )
 from migtap.wire.stream import StreamParser
+from migtap.wire.vmdesc import parse_vmdesc
 from tests import streams as s
 from tests.fixtures import fixture
 from tests.wire.stream_helpers import Outcome, chunked, cut, parse_chunks, parse_in_pieces
@@ -47,10 +48,10 @@ WHOLE = parse_in_pieces(DATA, [])
 
 HEAD = fixture("file-precopy.head.bin").read_bytes()
 TAIL = fixture("file-precopy.tail.bin").read_bytes()
-TAIL_OFFSET = 546182
+TAIL_OFFSET = 1583333  # where each slice was cut: tests/data/qemu-7.2/README.md
 PC_HEAD = fixture("postcopy.head.bin").read_bytes()
 PC_SWITCH = fixture("postcopy.switch.bin").read_bytes()
-PC_SWITCH_OFFSET = 6238006
+PC_SWITCH_OFFSET = 2523256
 VMDESC_JSON = fixture("vmdesc-pc-i440fx-7.2.json").read_bytes()
 
 # the real head, then the real tail: a complete (RAM-less) precopy stream
@@ -71,7 +72,7 @@ def test_sample_parses_completely() -> None:
     assert isinstance(events[-2], EndOfState)
     vmdesc = events[-1]
     assert isinstance(vmdesc, VmDescription)
-    assert vmdesc.page_size == 4096
+    assert parse_vmdesc(vmdesc).page_size == 4096
     devices = [e for e in events if isinstance(e, DeviceState)]
     top = [(d.idstr, d.instance_id) for d in devices if d.section_id != 9]
     assert top == SAMPLE.devices
@@ -226,7 +227,7 @@ def test_fixture_tail_all_sections() -> None:
     assert err is None
     devices = [e for e in events if isinstance(e, DeviceState)]
     desc = json.loads(VMDESC_JSON)
-    # The fixture README says 31; the bytes hold 30 FULL sections, one per vmdesc device.
+    # 30 FULL sections, one per vmdesc device.
     assert len(devices) == 30 == len(desc["devices"])
     assert [(d.idstr, d.instance_id) for d in devices] == [
         (d["name"], d["instance_id"]) for d in desc["devices"]
@@ -240,12 +241,13 @@ def test_fixture_tail_all_sections() -> None:
     assert glob.idstr == "globalstate"
     assert glob.payload == b"\x00\x00\x00\x08running" + bytes(93)
     eof = next(e for e in events if isinstance(e, EndOfState))
-    assert eof.offset == 0x887DE
+    assert eof.offset == 0x185B3D
     vmdesc = events[-1]
     assert isinstance(vmdesc, VmDescription)
     assert vmdesc.json_bytes == VMDESC_JSON
-    assert vmdesc.offset == 0x887DF
-    assert vmdesc.desc == desc
+    assert vmdesc.offset == 0x185B3E
+    doc = parse_vmdesc(vmdesc)
+    assert (doc.offset, doc.desc, doc.page_size) == (vmdesc.offset, desc, 4096)
 
 
 def test_fixture_tail_byte_by_byte_and_chunks() -> None:

@@ -21,6 +21,7 @@ HEAD_TAIL = (
     fixture("file-precopy.head.bin").read_bytes() + fixture("file-precopy.tail.bin").read_bytes()
 )
 SWITCH = fixture("postcopy.switch.bin").read_bytes()
+SWITCH_OFFSET = 2523256  # where the slice was cut: tests/data/qemu-7.2/README.md
 
 HTTP = b"GET / HTTP/1.1\r\nHost: example.org\r\n\r\n"
 CLIENT_HELLO = bytes.fromhex("16030100f4010000f00303") + bytes(range(32)) + b"\x00" * 40
@@ -48,12 +49,12 @@ def test_error_is_sticky() -> None:
     parser = StreamParser()
     with pytest.raises(StreamError) as first:
         parser.feed(HTTP)
-    with pytest.raises(StreamError) as again:
+    with pytest.raises(StreamError, match="stopped by an earlier error") as again:
         parser.feed(s.header())
-    assert again.value is first.value
-    with pytest.raises(StreamError) as at_eof:
+    assert again.value.__cause__ is first.value
+    with pytest.raises(StreamError, match="stopped by an earlier error") as at_eof:
         parser.feed_eof()
-    assert at_eof.value is first.value
+    assert at_eof.value.__cause__ is first.value
     assert parser.error is first.value
 
 
@@ -63,7 +64,8 @@ def test_events_before_error_are_kept() -> None:
     with pytest.raises(StreamError) as info:
         parser.feed(bad)
     assert info.value.offset == len(bad) - 1
-    assert [type(e).__name__ for e in parser.events_before_error] == ["StreamHeader", "Ping"]
+    assert [type(e).__name__ for e in info.value.events] == ["StreamHeader", "Ping"]
+    assert parser.events_before_error == list(info.value.events)  # the deprecated alias
     assert "unknown record type 0x42" in str(info.value)
 
 
@@ -99,8 +101,6 @@ RAM = s.header() + s.ram_start(2, s.BLOCKS)
         ),
         (RAM + b"\x09", StreamError, len(RAM), "unknown record type 0x09"),
         (RAM + s.eof() + s.u8(6) + s.be32(1000) + b"{}", TruncatedStream, None, "ended"),
-        (RAM + s.eof() + s.vmdesc(b"[1]"), StreamError, len(RAM) + 1, "not an object"),
-        (RAM + s.eof() + s.vmdesc(b"{nope"), StreamError, len(RAM) + 1, "not valid JSON"),
         (RAM + s.eof() + s.vmdesc({}) + b"x", StreamError, None, "after the VMDESCRIPTION"),
         (RAM + s.eof() + b"\x05", StreamError, len(RAM) + 1, "expected QEMU_VM_VMDESCRIPTION"),
         (
@@ -231,7 +231,7 @@ def test_mutated_sample(seed: int, rounds: int) -> None:
 def test_mutated_fixtures(seed: int) -> None:
     rnd = random.Random(seed)
     _only_events_or_stream_error(_mutate(HEAD_TAIL, rnd))
-    _only_events_or_stream_error(_mutate(SWITCH, rnd), start="records", offset=6238006)
+    _only_events_or_stream_error(_mutate(SWITCH, rnd), start="records", offset=SWITCH_OFFSET)
 
 
 @settings(max_examples=100, deadline=None)
@@ -242,9 +242,9 @@ def test_random_bytes_after_a_valid_prefix(tail: bytes) -> None:
 
 
 def test_truncated_everywhere_in_fixture() -> None:
-    whole, _ = parse_in_pieces(SWITCH, [], start="records", offset=6238006)
+    whole, _ = parse_in_pieces(SWITCH, [], start="records", offset=SWITCH_OFFSET)
     for i in range(0, len(SWITCH), 7):
-        events, err = parse_in_pieces(SWITCH[:i], [], start="records", offset=6238006)
+        events, err = parse_in_pieces(SWITCH[:i], [], start="records", offset=SWITCH_OFFSET)
         assert err is None or err[0] is TruncatedStream
         n = max(0, len(events) - 2)  # the last events may describe the cut-off part
         assert events[:n] == whole[:n]
