@@ -1,45 +1,58 @@
 """``migtap analyze FILE|DIR``: parse a captured stream and print what it holds.
 
 FILE is a main-channel stream (a capture's ``src-to-dst.bin``, or any file QEMU migrated to).
-DIR is a capture directory: its main channel, and also its multifd and postcopy-preempt channel
-files, whose pages are added to the RAM totals (on 10.0 every page travels on multifd).
-Files are read in chunks through the sans-IO parsers, so memory stays bounded whatever their
-size (page payloads are skipped; device sections and the vmdesc are kept, as the parser does).
+DIR is a capture directory: every channel file of it (main channel both ways, multifd and
+postcopy-preempt channels) goes through the same parsers, the same tap and the same session
+model as a live migration does, so the summary equals the live one by construction. With the
+capture's index (``events.jsonl``), events of the channels are applied in the order, and at
+the times, the live tap applied them; with ``session.json``, the channels carry their live
+facts (kinds, bytes, how they closed). Files are read in chunks: memory stays bounded whatever
+their size (page payloads are skipped; device sections and the vmdesc are kept, as live).
 """
 
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import sys
 from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TextIO
+
+import structlog
 
 from migtap.annotate.render import DeviceState as DecodedDevice
 from migtap.annotate.render import RamState
 from migtap.annotate.render import state_dump as render_state
 from migtap.annotate.vmsd import VmDescription as Desc
 from migtap.annotate.walk import decode_section
+from migtap.capture_format import channel_file_name, event_kind, read_index, read_session
 from migtap.errors import MigtapError, StreamError
-from migtap.sinks.capture import SRC_TO_DST, channel_file_name
+from migtap.model import Migration, summary_fields
+from migtap.observers.base import Observer
+from migtap.tap import ChannelTap, SessionTap
+from migtap.vocabulary import ChannelInfo, ChannelKind, Direction
 from migtap.wire import events as ev
 from migtap.wire.constants import SECTION_FOOTER_SIZE, SectionType
-from migtap.wire.generation import GenerationTracker
-from migtap.wire.multifd import MultifdInit, MultifdPacket, MultifdParser, ResentPages
-from migtap.wire.preempt import PreemptParser
 from migtap.wire.stream import StreamParser
+from migtap.wire.vmdesc import parse_vmdesc
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterator
 
+    from migtap.wire.generation import GenerationTracker
     from migtap.wire.ram import RamStats, RoundStats
 
 CHUNK_SIZE: Final = 1 << 20
 MAIN_FILE: Final = "src-to-dst.bin"
+RETURN_PATH_FILE: Final = "dst-to-src.bin"
 #: Kinds of channel whose capture files hold pages (``conn-<index>-<kind>.src-to-dst.bin``).
-CHANNEL_KINDS: Final = ("multifd", "postcopy-preempt")
+CHANNEL_KINDS: Final = (ChannelKind.MULTIFD, ChannelKind.POSTCOPY_PREEMPT)
 DUMPS: Final = ("sections", "ram", "desc", "state")
+#: Summary keys that only a capture's index and session.json can tell (None without them).
+LIVE_ONLY_KEYS: Final = ("outcome", "duration_s", "wire_downtime_ms", "capture_dir")
 _SHORT_KIND: Final = {
     SectionType.QEMU_VM_SECTION_START: "START",
     SectionType.QEMU_VM_SECTION_PART: "PART",
@@ -110,8 +123,9 @@ class ChannelAnalysis:
 
 @dataclass(slots=True)
 class Analysis:
-    """What one pass over the stream collected."""
+    """What one pass over a file or a capture collected."""
 
+    migration: Migration
     rows: list[_Row] = field(default_factory=list)
     devices: list[ev.DeviceState] = field(default_factory=list)
     ram_blocks: list[ev.RamBlockList] = field(default_factory=list)
@@ -119,92 +133,71 @@ class Analysis:
     error: StreamError | None = None
     ram: RamStats | None = None
     length: int = 0
-    generation: GenerationTracker = field(default_factory=GenerationTracker)
     channels: list[ChannelAnalysis] = field(default_factory=list)  # other channels' files
-    resent: ResentPages = field(default_factory=ResentPages)  # 7.2 multifd repeats
     unread_channels: int = 0  # channel files beside a FILE argument, not read
     page_size: int = 4096  # as the main channel's parser ended up with
+    live_facts: bool = False  # session.json and events.jsonl were read: timings and outcome
+    capture_dir: str | None = None
+
+    @property
+    def generation(self) -> GenerationTracker:
+        return self.migration.generation
 
     def all_channels(self) -> dict[str, int]:
         """RAM pages on every channel read, counted as QEMU counts them (``query-migrate``)."""
-        total = self.ram.total if self.ram is not None else None
-        normal = (total.normal_pages if total else 0) + sum(c.normal_pages for c in self.channels)
+        m = self.migration
         return {
-            "normal_pages": normal - self.resent.count,
-            "normal_pages_resent": self.resent.count,
-            "zero_pages": (total.zero_pages if total else 0)
-            + sum(c.zero_pages for c in self.channels),
-            "xbzrle_pages": total.xbzrle_pages if total else 0,
-            "compressed_pages": total.compressed_pages if total else 0,
+            "normal_pages": m.normal - m.resent.count,
+            "normal_pages_resent": m.resent.count,
+            "zero_pages": m.zero,
+            "xbzrle_pages": m.xbzrle,
+            "compressed_pages": m.compressed,
         }
 
-
-def channel_files(directory: Path) -> list[tuple[str, Path]]:
-    """``(kind, path)`` of a capture directory's multifd and postcopy-preempt channel files, in
-    connection order."""
-    found = []
-    for kind in CHANNEL_KINDS:
-        suffix = channel_file_name(0, kind, SRC_TO_DST).removeprefix("conn-0")
-        for path in directory.glob(f"conn-*{suffix}"):
-            index = path.name.removeprefix("conn-").removesuffix(suffix)
-            if index.isdigit():
-                found.append((int(index), kind, path))
-    return [(kind, path) for _, kind, path in sorted(found)]
+    def summary(self) -> dict[str, object]:
+        """The ``migration_summary`` of this capture, key for key as the live one."""
+        fields_ = summary_fields(self.migration, capture_dir=self.capture_dir)
+        if not self.live_facts:
+            for key in LIVE_ONLY_KEYS:
+                fields_[key] = None
+        return fields_
 
 
-def analyze_channel(path: Path, kind: str, a: Analysis, *, page_size: int) -> ChannelAnalysis:
-    """Count the pages of one multifd or postcopy-preempt channel file into ``a``."""
-    blocks = a.ram_blocks[-1].blocks if a.ram_blocks else ()
-    parser: MultifdParser | PreemptParser = (
-        MultifdParser(page_size=page_size)
-        if kind == "multifd"
-        else PreemptParser(page_size, blocks)
-    )
-    ch = ChannelAnalysis(path.name, kind)
-    a.channels.append(ch)
-    try:
-        with path.open("rb") as f:
-            while chunk := f.read(CHUNK_SIZE):
-                _count_channel(ch, parser.feed(chunk), a.resent)
-                ch.length += len(chunk)
-        _count_channel(ch, parser.feed_eof(), a.resent)
-    except StreamError as exc:
-        _count_channel(ch, getattr(parser, "events_before_error", []), a.resent)
-        ch.error = exc
-    return ch
+class _Collector(Observer):
+    """Collects the section table, the device sections and the per-channel page counts."""
 
-
-def _count_channel(ch: ChannelAnalysis, events: Iterable[object], resent: ResentPages) -> None:
-    for e in events:
-        if isinstance(e, MultifdPacket):
-            ch.packets += 1
-            ch.normal_pages += e.normal_pages
-            ch.zero_pages += e.zero_pages
-            resent.note(e)
-        elif isinstance(e, MultifdInit):
-            ch.channel_id = e.channel_id
-        elif isinstance(e, ev.RamPages):
-            ch.normal_pages += e.normal
-            ch.zero_pages += e.zero
-
-
-class _Collector:
-    def __init__(self) -> None:
-        self.a = Analysis()
+    def __init__(self, a: Analysis) -> None:
+        super().__init__(a.migration)
+        self.a = a
         self._open: _Row | None = None
+        self.by_channel: dict[int, ChannelAnalysis] = {}
 
-    def add(self, events: Iterable[ev.Event]) -> None:
-        for e in events:
-            self._one(e)
+    def on_event(self, channel: ChannelInfo, direction: Direction, event: ev.Event) -> None:
+        if direction is not Direction.SRC_TO_DST:
+            return
+        if channel.kind is ChannelKind.MAIN:
+            self._main(event)
+            return
+        ch = self.by_channel.get(channel.index)
+        if ch is None:
+            return
+        if isinstance(event, ev.MultifdPacket):
+            ch.packets += 1
+            ch.normal_pages += event.normal_pages
+            ch.zero_pages += event.zero_pages
+        elif isinstance(event, ev.MultifdInit):
+            ch.channel_id = event.channel_id
+        elif isinstance(event, ev.RamPages):
+            ch.normal_pages += event.normal
+            ch.zero_pages += event.zero
 
     def _close(self, end: int) -> None:
         if self._open is not None:
             self._open.size = end - self._open.offset
             self._open = None
 
-    def _one(self, e: ev.Event) -> None:  # noqa: C901 - one branch per event kind
+    def _main(self, e: ev.Event) -> None:  # noqa: C901 - one branch per event kind
         a = self.a
-        a.generation.observe(e)
         if isinstance(e, ev.SectionHeader):
             row = _Row(e.offset, _SHORT_KIND.get(e.kind, e.kind.name), e.section_id, e.idstr,
                        e.instance_id, e.version_id)  # fmt: skip
@@ -254,40 +247,294 @@ def _command_text(e: ev.Event) -> str:
     return text
 
 
-def analyze_file(
-    path: Path, *, page_size: int = 4096, start: str = "header", offset: int = 0
-) -> Analysis:
-    """Parse ``path`` in chunks; a stream error ends the pass and is kept in ``error``."""
-    parser = StreamParser(page_size, start="records" if start == "records" else "header",
-                          offset=offset)  # fmt: skip
-    col = _Collector()
-    try:
-        with path.open("rb") as f:
-            while chunk := f.read(CHUNK_SIZE):
-                col.add(parser.feed(chunk))
-                col.a.length += len(chunk)
-        col.add(parser.feed_eof())
-    except StreamError as exc:
-        col.add(parser.events_before_error)
-        col.a.error = exc
-    col.a.ram = parser.ram_stats
-    col.a.page_size = parser.page_size
-    return col.a
+# -- the capture's files, replayed ---------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _File:
+    """One direction of one channel, as a file of the capture."""
+
+    tap: ChannelTap
+    direction: Direction
+    path: Path
+    analysis: ChannelAnalysis | None = None  # other channels than main
+    is_main: bool = False
+    ended: bool = False  # the whole file was fed (a failure then is a stream cut at its end)
+
+
+def channel_files(directory: Path) -> list[tuple[str, Path]]:
+    """``(kind, path)`` of a capture directory's multifd and postcopy-preempt channel files, in
+    connection order (by their names; ``session.json`` names them when it exists)."""
+    found = []
+    for kind in CHANNEL_KINDS:
+        suffix = channel_file_name(0, kind.value, Direction.SRC_TO_DST.value).removeprefix("conn-0")
+        for path in directory.glob(f"conn-*{suffix}"):
+            index = path.name.removeprefix("conn-").removesuffix(suffix)
+            if index.isdigit():
+                found.append((int(index), kind.value, path))
+    return [(kind, path) for _, kind, path in sorted(found)]
+
+
+def _wall(doc: dict[str, Any], key_t: str, key_iso: str) -> float | None:
+    value = doc.get(key_t)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    iso = doc.get(key_iso)
+    if isinstance(iso, str):
+        try:
+            return datetime.fromisoformat(iso).timestamp()
+        except ValueError:
+            return None
+    return None
+
+
+def _infos_from_session(doc: dict[str, Any]) -> list[tuple[ChannelInfo, dict[str, Any]]]:
+    out = []
+    for ch in doc.get("channels", []):
+        try:
+            kind = ChannelKind(ch.get("kind") or "unknown")
+        except ValueError:
+            kind = ChannelKind.UNKNOWN
+        info = ChannelInfo(
+            index=int(ch["index"]),
+            pipe_id=int(ch.get("pipe_id") or 0),
+            kind=kind,
+            source=ch.get("source"),
+            destination=ch.get("destination"),
+            started_wall=0.0,
+            bytes_src_to_dst=int(ch.get("bytes_src_to_dst") or 0),
+            bytes_dst_to_src=int(ch.get("bytes_dst_to_src") or 0),
+            close_reason=ch.get("close_reason"),
+            first_closed=ch.get("first_closed"),
+            reset_by=ch.get("reset_by"),
+        )
+        out.append((info, ch.get("files") or {}))
+    return out
+
+
+def _quiet_logger() -> Any:  # noqa: ANN401 - a structlog BoundLogger
+    """Offline, the tap's live log lines (progress, detaches) would only repeat what the
+    analysis prints; drop them."""
+    return structlog.wrap_logger(structlog.ReturnLogger())
+
+
+class _Replay:
+    """Drives a capture's files through one ``SessionTap`` (module docstring)."""
+
+    def __init__(self, a: Analysis, tap: SessionTap, collector: _Collector) -> None:
+        self.a = a
+        self.tap = tap
+        self.collector = collector
+        self.files: list[_File] = []
+        #: ``(ch, dir, offset, kind)`` -> (index line, time): the live order of events.
+        self.order: dict[tuple[int, str, int | None, str], tuple[int, float]] = {}
+        self.first_line: dict[tuple[int, str], int] = {}
+
+    def load_index(self, path: Path) -> None:
+        for line, record in enumerate(read_index(path)):
+            ch, dir_ = record.get("ch"), record.get("dir")
+            if not isinstance(ch, int) or not isinstance(dir_, str):
+                continue
+            key = (ch, dir_, record.get("offset"), str(record.get("kind")))
+            t = record.get("t")
+            self.order.setdefault(key, (line, float(t) if isinstance(t, int | float) else 0.0))
+            self.first_line.setdefault((ch, dir_), line)
+
+    def _events(self, f: _File) -> Iterator[tuple[ev.Event | Exception, int, float]]:
+        """The file's events with their place in the live order (index line) and time; an
+        exception item where the parser stopped."""
+        info = f.tap.info
+        dir_ = f.direction.value
+        pos, t = self.first_line.get((info.index, dir_), -1), self.a.migration.started
+        if f.tap.parser(f.direction) is None:
+            self.tap.start_parser(f.tap)
+        length = 0
+        with f.path.open("rb") as fh:
+            while True:
+                chunk = fh.read(CHUNK_SIZE)
+                f.ended = not chunk
+                events, failure = self.tap.parse(f.tap, f.direction, chunk or None)
+                length += len(chunk)
+                if f.is_main:
+                    self.a.length = length
+                elif f.analysis is not None:
+                    f.analysis.length = length
+                for event in events:
+                    key = (info.index, dir_, getattr(event, "offset", None), event_kind(event))
+                    found = self.order.get(key)
+                    if found is not None:
+                        pos, t = max(pos, found[0]), found[1]
+                    yield event, pos, t
+                if failure is not None:
+                    yield failure, pos, t
+                    return
+                if not chunk:
+                    f.tap.detach(f.direction)  # at its end; nothing more to feed
+                    return
+
+    def run(self) -> None:
+        # (place in the live order, file number, tie-breaker); a file starts when its turn comes
+        heap: list[tuple[int, int, int]] = []
+        for n, f in enumerate(self.files):
+            start = self.first_line.get((f.tap.info.index, f.direction.value))
+            # Without an index line, a file follows the ones that have one, in file order.
+            heap.append((start if start is not None else 1 << 62, n, 0))
+        heapq.heapify(heap)
+        seq = 0
+        streams: dict[int, Iterator[tuple[ev.Event | Exception, int, float]]] = {}
+        pending: dict[int, tuple[ev.Event | Exception, int, float]] = {}
+        while heap:
+            _, n, _ = heapq.heappop(heap)
+            f = self.files[n]
+            if n not in streams:
+                streams[n] = self._events(f)
+            else:
+                self._apply(f, *pending.pop(n))
+            item = next(streams[n], None)
+            if item is None:
+                continue
+            pending[n] = item
+            seq += 1
+            heapq.heappush(heap, (item[1], n, seq))
+
+    def _apply(self, f: _File, item: ev.Event | Exception, pos: int, t: float) -> None:
+        del pos
+        if isinstance(item, Exception):
+            self.tap.parser_failed(f.tap, f.direction, item, at_eof=f.ended)
+            if isinstance(item, StreamError):
+                if f.is_main:
+                    self.a.error = item
+                elif f.analysis is not None:
+                    f.analysis.error = item
+            return
+        self.tap.deliver(f.tap, f.direction, [item], t)
 
 
 def analyze_path(
-    path: Path, *, page_size: int = 4096, start: str = "header", offset: int = 0
+    path: Path,
+    *,
+    page_size: int = 4096,
+    start: str = "header",
+    offset: int = 0,
+    vmdesc: Desc | None = None,
 ) -> Analysis:
-    """A main-channel file, or a capture directory with all its channels."""
-    if not path.is_dir():
-        a = analyze_file(path, page_size=page_size, start=start, offset=offset)
+    """A main-channel file, or a capture directory with all its channels (module docstring).
+    A stream error ends that file's pass and is kept in ``error``."""
+    directory = path if path.is_dir() else None
+    session: dict[str, Any] | None = None
+    if directory is not None and (directory / "session.json").is_file():
+        session = read_session(directory / "session.json")
+    started = _wall(session, "started_t", "session_started") if session else None
+    migration = Migration(
+        int(session.get("session_id") or 0) if session else 0,
+        started=started or 0.0,
+        page_size=page_size,
+    )
+    a = Analysis(migration)
+    collector = _Collector(a)
+    clock_now = [started or 0.0]
+    tap = SessionTap(
+        migration,
+        [collector],
+        vmdesc=vmdesc,
+        clock=lambda: clock_now[0],
+        live=False,
+        logger=_quiet_logger(),
+    )
+    replay = _Replay(a, tap, collector)
+    main_parser = StreamParser(page_size, start="records" if start == "records" else "header",
+                               offset=offset)  # fmt: skip
+    if directory is None:
+        info = ChannelInfo(0, 0, ChannelKind.MAIN, None, None, 0.0)
+        info.bytes_src_to_dst = path.stat().st_size
+        ch = tap.add_channel(info)
+        ch.s2d, ch.d2s = main_parser, None
+        replay.files.append(_File(ch, Direction.SRC_TO_DST, path, is_main=True))
         if path.name == MAIN_FILE:
             a.unread_channels = len(channel_files(path.parent))
-        return a
-    a = analyze_file(path / MAIN_FILE, page_size=page_size, start=start, offset=offset)
-    for kind, channel in channel_files(path):
-        analyze_channel(channel, kind, a, page_size=a.page_size)
+    else:
+        _add_capture_channels(directory, session, tap, replay, main_parser)
+        index = directory / "events.jsonl"
+        if session is not None and index.is_file():
+            replay.load_index(index)
+            a.live_facts = True
+            a.capture_dir = session.get("directory")
+    replay.run()
+    tap.finish()
+    if a.live_facts and session is not None:
+        ended = _wall(session, "ended_t", "session_ended")
+        migration.end(ended if ended is not None else migration.now)
+        for t in tap.channels:
+            tap.channel_closed(t, t.info.close_reason, t.info.first_closed, t.info.reset_by)
+    a.ram = main_parser.ram_stats
+    a.page_size = main_parser.page_size
     return a
+
+
+def _capture_channels(
+    directory: Path, session: dict[str, Any] | None
+) -> list[tuple[ChannelInfo, dict[str, Any]]]:
+    """Every channel of a capture with its ``files`` entries: as session.json lists them, or
+    else found by their names. Byte counts default to the files' sizes."""
+    if session is not None and session.get("channels"):
+        channels = _infos_from_session(session)
+    else:
+        main = ChannelInfo(0, 0, ChannelKind.MAIN, None, None, 0.0)
+        channels = [(main, {d.value: {"file": f"{d.value}.bin"} for d in Direction})]
+        for n, (kind, found) in enumerate(channel_files(directory), start=1):
+            info = ChannelInfo(n, 0, ChannelKind(kind), None, None, 0.0)
+            channels.append((info, {Direction.SRC_TO_DST.value: {"file": found.name}}))
+    for info, files in channels:
+        for d in Direction:
+            path = _file_of(directory, files, d)
+            if path is None:
+                continue
+            if d is Direction.SRC_TO_DST:
+                info.bytes_src_to_dst = info.bytes_src_to_dst or path.stat().st_size
+            else:
+                info.bytes_dst_to_src = info.bytes_dst_to_src or path.stat().st_size
+    return channels
+
+
+def _file_of(directory: Path, files: dict[str, Any], direction: Direction) -> Path | None:
+    entry = files.get(direction.value) or {}
+    name = entry.get("file") if isinstance(entry, dict) else None
+    if not isinstance(name, str) or not (directory / name).is_file():
+        return None
+    return directory / name
+
+
+def _add_capture_channels(
+    directory: Path,
+    session: dict[str, Any] | None,
+    tap: SessionTap,
+    replay: _Replay,
+    main_parser: StreamParser,
+) -> None:
+    """Every channel of a capture joins the tap, and its parsed files the replay."""
+    main_seen = False
+    for info, files in _capture_channels(directory, session):
+        ch = tap.add_channel(info)
+        is_main = info.kind is ChannelKind.MAIN and not main_seen
+        pages = info.kind in CHANNEL_KINDS
+        if is_main:
+            main_seen = True
+            ch.s2d = main_parser
+        elif pages:
+            # Started when its turn comes: by then the main channel has told the page size and
+            # the RAM blocks, as it had live.
+            ch.s2d = None
+        for d in Direction:
+            path = _file_of(directory, files, d)
+            parsed = ch.parser(d) is not None or (pages and d is Direction.SRC_TO_DST)
+            if path is None or not parsed:
+                continue
+            analysis = None
+            if not is_main and d is Direction.SRC_TO_DST:
+                analysis = ChannelAnalysis(path.name, info.kind.value)
+                replay.a.channels.append(analysis)
+                replay.collector.by_channel[info.index] = analysis
+            replay.files.append(_File(ch, d, path, analysis, is_main=is_main))
 
 
 # -- output ------------------------------------------------------------------------------------
@@ -344,7 +591,11 @@ def write_ram(a: Analysis, out: TextIO) -> None:
         for c in a.channels
     )
     t = a.all_channels()
-    resent = f" ({t['normal_pages_resent']} sent twice, counted once)" if a.resent.count else ""
+    resent = (
+        f" ({t['normal_pages_resent']} sent twice, counted once)"
+        if t["normal_pages_resent"]
+        else ""
+    )
     out.write(f"RAM pages, all channels: normal {t['normal_pages']}{resent}, "
               f"zero {t['zero_pages']}, xbzrle {t['xbzrle_pages']}, "
               f"compressed {t['compressed_pages']}\n")  # fmt: skip
@@ -360,7 +611,7 @@ def _vmdesc_obj(a: Analysis, vmdesc_file: Path | None) -> Any:  # noqa: ANN401 -
     if a.vmdesc is None:
         raise MigtapError("the stream has no VMDESCRIPTION (postcopy, suppress-vmdesc, cut "
                           "short?); pass one with --vmdesc")  # fmt: skip
-    return a.vmdesc.desc
+    return parse_vmdesc(a.vmdesc).desc
 
 
 def state_dump(a: Analysis, desc_obj: Any, err: TextIO) -> dict[str, Any]:  # noqa: ANN401
@@ -425,6 +676,7 @@ def _render(a: Analysis, dumps: list[str], args: argparse.Namespace, out: TextIO
     doc: dict[str, Any] = {"file": str(args.file), "length": a.length}
     doc["error"] = _error_json(a.error) if a.error is not None else None
     doc["qemu"] = {"machine_type": a.generation.machine_type, **a.generation.source.as_dict()}
+    doc["summary"] = a.summary()
     for what in dumps:
         if what == "sections":
             doc["sections"] = [asdict(r) for r in a.rows]

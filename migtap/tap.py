@@ -1,26 +1,31 @@
-"""The tap: joins a relay session to the wire parsers and the sinks.
+"""The tap: parsers in, session model in the middle, observers out.
 
-For every connection of a session it picks parsers by the channel's first bytes (main stream
-and return path, multifd, or none), feeds them each chunk *after* the relay forwarded it, and
-hands chunks and events to the sinks (progress, annotate, capture). A parser error is logged
-once and that parser detached; a failing sink is logged once and detached; the bytes keep
-flowing either way. Nothing here touches a socket.
+For every connection of a session it picks parsers by the channel's kind (main stream and return
+path, multifd, postcopy-preempt once a header-less channel shows its first record, or none),
+feeds them each chunk *after* the relay forwarded it, applies their events to the session model
+(``migtap.model.Migration``) and hands chunks, events and model changes to the observers. Device
+state is decoded off the loop (``migtap.decode``).
+
+Failures: a parser that meets damage is logged once (``parser_detached``) and detached; a parser
+bug (anything but a ``StreamError``) is logged as ``parser_crashed`` and detached the same way; an
+observer that raises is logged once (``observer_detached``) and detached, and every other
+observer still gets every call. The bytes keep flowing either way. Nothing here touches a socket;
+the relay (live) or ``migtap analyze`` (offline) drives it.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import structlog
 
-from migtap.annotate.live import AnnotateSink
+from migtap.decode import DeviceKeeper, run_inline
 from migtap.errors import StreamError, TruncatedStream
-from migtap.relay.pipe import Direction
-from migtap.sinks import ChannelInfo, SessionSummary, Sink, Throttle
-from migtap.sinks.progress import ProgressSink
-from migtap.wire.channel import ChannelKind
+from migtap.model import summarize
+from migtap.vocabulary import ChannelKind, Direction, Peer
+from migtap.wire.events import DeviceState, VmDescription
 from migtap.wire.multifd import MultifdParser
 from migtap.wire.preempt import PROBE_BYTES, PreemptParser, looks_like_preempt
 from migtap.wire.return_path import ReturnPathParser
@@ -30,12 +35,17 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from pathlib import Path
 
-    from migtap.annotate.vmsd import VmDescription
+    from migtap.annotate.vmsd import VmDescription as Desc
+    from migtap.decode import Offload
+    from migtap.model import Change, DeviceBatch, Migration
+    from migtap.observers.base import Observer
+    from migtap.vocabulary import ChannelInfo, SessionSummary
+    from migtap.wire.events import Event
+    from migtap.wire.parser import Parser
 
 log = structlog.get_logger("migtap.tap")
 
-Parser = StreamParser | MultifdParser | ReturnPathParser | PreemptParser
-TAIL_BYTES = 64  # how much of the main stream we keep to show where a destination gave up
+TAIL_BYTES: Final = 64  # how much of the main stream we keep to show where a destination gave up
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +53,7 @@ class TapSettings:
     page_size: int = 4096
     capture_dir: Path | None = None
     capture_ram: Literal["full", "none"] = "full"
-    vmdesc: VmDescription | None = None
+    vmdesc: Desc | None = None
     progress_interval_s: float = 1.0
     config: dict[str, object] | None = None
 
@@ -51,85 +61,82 @@ class TapSettings:
 class ChannelTap:
     """The parsers of one connection, one per direction."""
 
-    __slots__ = ("d2s", "failed", "info", "probe", "s2d", "tail")
+    __slots__ = ("d2s", "info", "probe", "s2d", "tail")
 
-    def __init__(self, info: ChannelInfo, kind: ChannelKind, page_size: int) -> None:
+    def __init__(self, info: ChannelInfo, page_size: int) -> None:
+        """Parsers by the channel's kind; ``page_size`` is the stream's as known so far."""
         self.info = info
         self.s2d: Parser | None = None
         self.d2s: Parser | None = None
-        self.failed = False
-        self.tail = b""
+        self.tail = b""  # the main channel's last bytes forwarded, for error reports
         # A header-less channel: its first bytes are kept until they tell whether it is a
         # postcopy-preempt channel (then parsed) or not (then only relayed and captured).
-        self.probe: bytearray | None = bytearray() if kind is ChannelKind.UNKNOWN else None
+        self.probe: bytearray | None = None
+        kind = info.kind
         if kind is ChannelKind.MAIN:
             self.s2d = StreamParser(page_size=page_size)
             self.d2s = ReturnPathParser()
         elif kind is ChannelKind.MULTIFD:
             self.s2d = MultifdParser(page_size=page_size)
+        elif kind is ChannelKind.UNKNOWN:
+            self.probe = bytearray()
+
+    def parser(self, direction: Direction) -> Parser | None:
+        return self.s2d if direction is Direction.SRC_TO_DST else self.d2s
+
+    def detach(self, direction: Direction) -> None:
+        if direction is Direction.SRC_TO_DST:
+            self.s2d = None
+        else:
+            self.d2s = None
 
 
 class SessionTap:
-    """Everything the tap does for one migration session."""
+    """Everything the tap does for one migration session (module docstring).
+
+    ``observers`` come from ``migtap.observers.build_observers``, in close order. ``offload``
+    runs device-state decoding jobs (live: a worker thread; default: inline). ``clock`` gives
+    the wall-clock time stamped on events, in the model and in the capture's index alike.
+    """
 
     def __init__(
         self,
-        session_id: int,
-        settings: TapSettings,
+        migration: Migration,
+        observers: Sequence[Observer],
         *,
-        throttle: Throttle,
-        call_soon_threadsafe: Callable[[Callable[[], None]], object],
+        vmdesc: Desc | None = None,
+        progress_interval_s: float = 1.0,
+        offload: Offload = run_inline,
+        clock: Callable[[], float] = time.time,
+        live: bool = True,
+        logger: Any = None,  # noqa: ANN401 - a structlog logger; offline passes a quiet one
     ) -> None:
-        self.session_id = session_id
-        self.settings = settings
-        self.log = log.bind(session=session_id)
-        self.started_wall = time.time()
-        self.progress = ProgressSink(session_id, interval_s=settings.progress_interval_s)
-        self.capture: Sink | None = None
-        self.capture_dir: Path | None = None
-        write_file: Callable[[str, bytes], None] | None = None
-        if settings.capture_dir is not None:
-            from migtap.sinks.capture import CaptureSink  # noqa: PLC0415 - only when capturing
-
-            try:
-                capture = CaptureSink(
-                    settings.capture_dir,
-                    session_id,
-                    capture_ram=settings.capture_ram,
-                    throttle=throttle,
-                    call_soon_threadsafe=call_soon_threadsafe,
-                    config=settings.config,
-                    page_size=settings.page_size,
-                )
-            except Exception as exc:  # noqa: BLE001 - the tap never breaks a migration
-                self.log.warning(
-                    "capture_unavailable",
-                    error=repr(exc),
-                    action="migration continues without a capture",
-                )
-            else:
-                self.capture = capture
-                self.capture_dir = capture.directory
-                write_file = capture.write_file
-        self.annotate = AnnotateSink(session_id, fallback=settings.vmdesc, write_file=write_file)
-        # Order matters at the end: progress logs the summary, annotate writes its file through
-        # the capture, then the capture closes.
-        self.sinks: list[Sink] = [self.progress, self.annotate]
-        if self.capture is not None:
-            self.sinks.append(self.capture)
-        # Only the capture wants raw chunks; the others follow events (hot path: no idle calls).
-        self.chunk_sinks: list[Sink] = [self.capture] if self.capture is not None else []
+        self.migration = migration
+        self.session_id = migration.session_id
+        self.log = (log if logger is None else logger).bind(session=migration.session_id)
+        self.observers: tuple[Observer, ...] = tuple(observers)
+        self._chunk_observers = tuple(o for o in self.observers if o.wants_chunks)
+        self.devices = DeviceKeeper(fallback=vmdesc)
+        self.offload = offload
+        self.clock = clock
+        self.live = live
+        self.progress_interval_s = progress_interval_s
+        self._last_tick = migration.started
         self.channels: list[ChannelTap] = []
+        self.closed = False
+        self._model_failed = False
         #: Told the source VM's UUID once the main channel shows it (groups multifd channels).
         self.on_uuid: Callable[[bytes], None] | None = None
         self._uuid_told = False
 
     # -- channels -----------------------------------------------------------------------------
-    def add_channel(self, info: ChannelInfo, kind: ChannelKind) -> ChannelTap:
-        tap = ChannelTap(info, kind, self.settings.page_size)
+    def add_channel(self, info: ChannelInfo) -> ChannelTap:
+        tap = ChannelTap(info, self.migration.page_size)
         self.channels.append(tap)
-        self._each_sink(lambda s: s.on_channel(info))
-        if tap.s2d is None and tap.probe is None and kind is not ChannelKind.MULTIFD:
+        self.migration.add_channel(info)
+        self._notify(lambda o: o.on_channel(info))
+        kind = info.kind
+        if tap.s2d is None and tap.probe is None and kind is not ChannelKind.POSTCOPY_PREEMPT:
             self.log.info(
                 "channel_not_parsed",
                 ch=info.index,
@@ -139,7 +146,21 @@ class SessionTap:
                     ChannelKind.HTTP: "an HTTP request, not QEMU: passed through",
                 }.get(kind, "not a main or multifd channel: passed through"),
             )
+        if kind is ChannelKind.POSTCOPY_PREEMPT:  # offline: known from the capture
+            self.start_parser(tap)
         return tap
+
+    def start_parser(self, tap: ChannelTap) -> None:
+        """(Re)start the source-to-destination parser of a multifd or postcopy-preempt channel
+        with what the main channel told so far (page size, RAM blocks)."""
+        if tap.info.kind is ChannelKind.MULTIFD:
+            tap.s2d = MultifdParser(page_size=self.migration.page_size)
+        elif tap.info.kind is ChannelKind.POSTCOPY_PREEMPT:
+            tap.s2d = self._preempt_parser()
+
+    def _preempt_parser(self) -> PreemptParser:
+        m = self.migration
+        return PreemptParser(m.page_size, m.ram_blocks)
 
     def _probe(self, tap: ChannelTap, chunk: bytes) -> bytes | None:
         """A header-less channel's first bytes: None while undecided; once it is a
@@ -147,9 +168,7 @@ class SessionTap:
         probe = tap.probe
         assert probe is not None
         head = bytes(probe) + chunk[:PROBE_BYTES]
-        main = next((t.s2d for t in self.channels if isinstance(t.s2d, StreamParser)), None)
-        blocks = main.ram_blocks if main is not None else ()
-        verdict = looks_like_preempt(head, [b.idstr for b in blocks])
+        verdict = looks_like_preempt(head, [b.idstr for b in self.migration.ram_blocks])
         if verdict is None:
             probe += chunk[: PROBE_BYTES - len(probe)]
             return None
@@ -159,86 +178,132 @@ class SessionTap:
             self.log.info(
                 "channel_not_parsed",
                 ch=info.index,
-                kind=info.kind,
+                kind=info.kind.value,
                 reason="neither a main, multifd nor postcopy-preempt channel: passed through",
                 first_bytes_hex=head[:16].hex(),
             )
             return b""
-        info.kind = "postcopy-preempt"
-        page_size = main.page_size if main is not None else self.settings.page_size
-        tap.s2d = PreemptParser(page_size, blocks)
-        self.log.info("channel_identified", ch=info.index, kind=info.kind)
+        info.kind = ChannelKind.POSTCOPY_PREEMPT
+        tap.s2d = self._preempt_parser()
+        self.log.info("channel_identified", ch=info.index, kind=info.kind.value)
+        self._notify(lambda o: o.on_channel_changed(info))
         return bytes(probe) + chunk
 
+    # -- bytes in -------------------------------------------------------------------------------
     def on_chunk(self, tap: ChannelTap, direction: Direction, offset: int, chunk: bytes) -> None:
+        """``chunk`` was forwarded (live)."""
         info = tap.info
         s2d = direction is Direction.SRC_TO_DST
+        data: bytes | None = chunk
         if s2d:
             info.bytes_src_to_dst = offset + len(chunk)
-            if tap.d2s is not None:  # main channel: keep its tail for error reports
+            if info.kind is ChannelKind.MAIN:  # keep its tail for error reports
                 tap.tail = (tap.tail + chunk[-TAIL_BYTES:])[-TAIL_BYTES:]
+            if tap.probe is not None:
+                data = self._probe(tap, chunk)  # may rename the channel before the capture sees it
         else:
             info.bytes_dst_to_src = offset + len(chunk)
-        data: bytes | None = chunk
-        if tap.probe is not None and s2d:
-            data = self._probe(tap, chunk)  # may rename the channel before the capture sees it
-        for sink in self.chunk_sinks:
+        for observer in self._chunk_observers:
             try:
-                sink.on_chunk(info, direction, offset, chunk)
-            except Exception as exc:  # noqa: BLE001 - a sink must never break the relay
-                self._sink_failed(sink, exc)
-        parser = tap.s2d if s2d else tap.d2s
-        if parser is not None and data:
-            self._parse(tap, direction, parser, data)
+                observer.on_chunk(info, direction, offset, chunk)
+            except Exception as exc:  # noqa: BLE001 - an observer must never break the relay
+                self._detach(observer, exc)
+        if data and tap.parser(direction) is not None:
+            self.feed(tap, direction, data)
 
-    def _parse(
-        self, tap: ChannelTap, direction: Direction, parser: Parser, chunk: bytes | None
-    ) -> None:
-        try:
-            events: Sequence[object] = (
-                parser.feed(chunk) if chunk is not None else parser.feed_eof()
-            )
-        except TruncatedStream as exc:
-            events = list(getattr(parser, "events_before_error", []))
-            self._deliver(tap, direction, events)
-            if chunk is None:  # the connection ended inside a record: say where, once
-                self._stream_cut(tap, direction, exc)
-            else:
-                self._parser_failed(tap, direction, exc)
-            return
-        except StreamError as exc:
-            events = list(getattr(parser, "events_before_error", []))
-            self._deliver(tap, direction, events)
-            self._parser_failed(tap, direction, exc)
-            return
-        except Exception as exc:  # noqa: BLE001 - a parser bug must not break the migration
-            self._parser_failed(tap, direction, exc)
-            return
+    def feed(self, tap: ChannelTap, direction: Direction, data: bytes | None) -> None:
+        """Parse ``data`` (None: the end of that direction) and deliver the events, stamped with
+        the clock's time; a failure detaches that parser after its last events are delivered."""
+        events, failure = self.parse(tap, direction, data)
         if events:
-            self._deliver(tap, direction, events)
-            if not self._uuid_told and self.progress.view.uuid is not None:
-                self._uuid_told = True
-                if self.on_uuid is not None:
-                    self.on_uuid(self.progress.view.uuid)
+            self.deliver(tap, direction, events, self.clock())
+        if failure is not None:
+            self.parser_failed(tap, direction, failure, at_eof=data is None)
 
-    def _deliver(self, tap: ChannelTap, direction: Direction, events: Sequence[object]) -> None:
+    @staticmethod
+    def parse(
+        tap: ChannelTap, direction: Direction, data: bytes | None
+    ) -> tuple[Sequence[Event], Exception | None]:
+        """Feed one direction's parser: its events, and the exception that stopped it, if any
+        (with the events it parsed before that)."""
+        parser = tap.parser(direction)
+        if parser is None:
+            return (), None
+        try:
+            return (parser.feed(data) if data is not None else parser.feed_eof()), None
+        except StreamError as exc:
+            return exc.events, exc
+        except Exception as exc:  # noqa: BLE001 - a parser bug must not break the migration
+            return (), exc
+
+    def deliver(
+        self, tap: ChannelTap, direction: Direction, events: Sequence[Event], now: float
+    ) -> None:
+        """Apply events to the model, then hand each (and what it changed) to the observers."""
         info = tap.info
-        for sink in self.sinks:
+        migration = self.migration
+        for event in events:
+            changes = self._apply(info, direction, event, now)
+            for observer in self.observers:
+                try:
+                    observer.on_event(info, direction, event)
+                    for change in changes:
+                        observer.on_change(change)
+                except Exception as exc:  # noqa: BLE001 - an observer must never break the relay
+                    self._detach(observer, exc)
+        if not self._uuid_told and migration.uuid is not None:
+            self._uuid_told = True
+            if self.on_uuid is not None:
+                self.on_uuid(migration.uuid)
+
+    def _apply(
+        self, info: ChannelInfo, direction: Direction, event: Event, now: float
+    ) -> list[Change]:
+        """The model's update for one event (and device state kept for decoding)."""
+        changes: list[Change] = []
+        if not self._model_failed:
             try:
-                for event in events:
-                    sink.on_event(info, direction, event)
-            except Exception as exc:  # noqa: BLE001 - a sink must never break the relay
-                self._sink_failed(sink, exc)
+                changes = self.migration.apply(info, direction, event, now)
+            except Exception as exc:  # a model bug must not break the relay
+                self._model_failed = True
+                self.log.exception(
+                    "model_crashed",
+                    error=repr(exc),
+                    action="the live picture stops here; bytes keep flowing, the capture is kept",
+                )
+        if isinstance(event, DeviceState):
+            self.devices.keep(event)
+        elif isinstance(event, VmDescription):
+            self._submit(self.devices.job(event, live=self.live))
+        return changes
+
+    def _submit(self, job: Callable[[], DeviceBatch] | None) -> None:
+        if job is not None:
+            self.offload(job, self._devices_done)
+
+    def _devices_done(self, batch: DeviceBatch) -> None:
+        """A decoding job's result, back on the loop."""
+        if self.closed:
+            return
+        try:
+            changes = self.migration.apply_devices(batch, self.clock())
+        except Exception as exc:
+            self.log.exception("model_crashed", error=repr(exc), exc_info=exc)
+            return
+        for change in changes:
+            self._notify(lambda o, c=change: o.on_change(c))  # type: ignore[misc]
 
     def channel_closed(
         self,
         tap: ChannelTap,
         close_reason: str | None,
-        first_closed: str | None = None,
-        reset_by: str | None = None,
+        first_closed: Peer | None = None,
+        reset_by: Peer | None = None,
+        *,
+        ended_wall: float | None = None,
     ) -> None:
         info = tap.info
-        info.ended_wall = time.time()
+        info.ended_wall = ended_wall if ended_wall is not None else time.time()
         info.close_reason = close_reason
         info.first_closed = first_closed
         info.reset_by = reset_by
@@ -247,67 +312,72 @@ class SessionTap:
             self.log.info(
                 "channel_not_parsed",
                 ch=info.index,
-                kind=info.kind,
+                kind=info.kind.value,
                 reason="closed before its first bytes told what it carries"
                 if info.bytes_src_to_dst
                 else "closed without sending a byte",
                 bytes=info.bytes_src_to_dst,
             )
-        for direction, parser in ((Direction.SRC_TO_DST, tap.s2d), (Direction.DST_TO_SRC, tap.d2s)):
-            if parser is not None:
-                self._parse(tap, direction, parser, None)
-        if tap.d2s is not None or info.kind == "main":
+        for direction in Direction:
+            if tap.parser(direction) is not None:
+                self.feed(tap, direction, None)
+        if info.kind is ChannelKind.MAIN:
             self._report_early_close(tap)
-        self._each_sink(lambda s: s.on_channel_closed(info))
+        self._notify(lambda o: o.on_channel_closed(info))
 
-    # -- periodic and end ---------------------------------------------------------------------
-    def tick(self) -> None:
-        try:
-            self.progress.tick()
-        except Exception as exc:  # noqa: BLE001
-            self._sink_failed(self.progress, exc)
+    # -- periodic and end -----------------------------------------------------------------------
+    def tick(self, now: float | None = None) -> None:
+        """Call often; once per progress interval the model samples its rates and observers
+        get ``on_tick``."""
+        now = self.clock() if now is None else now
+        if now - self._last_tick < self.progress_interval_s:
+            return
+        self._last_tick = now
+        self.migration.sample(now)
+        self._notify(lambda o: o.on_tick())
+
+    def finish(self) -> None:
+        """The last connection closed: hand the remaining device state to the decoder (the
+        relay waits for the offloaded work before :meth:`close`)."""
+        self._submit(self.devices.job(final=True, live=self.live))
 
     def close(self) -> SessionSummary:
-        outcome = self.progress.outcome()
-        fields = self.progress.summary_fields(
-            outcome, str(self.capture_dir) if self.capture_dir is not None else None
-        )
-        summary = SessionSummary(
-            session_id=self.session_id,
-            outcome=outcome,
-            started_wall=self.started_wall,
-            ended_wall=time.time(),
-            channels=[t.info for t in self.channels],
-            fields=fields,
-            details={"qemu": self.progress.generation_details()},
-        )
-        # Annotate first (it adds its counts to the summary), then the progress line, then the
-        # capture, which writes session.json with everything.
-        order = [
-            self.annotate,
-            self.progress,
-            *(s for s in self.sinks if s not in (self.annotate, self.progress)),
-        ]
-        for sink in order:
-            if sink in self.sinks:
-                try:
-                    sink.on_close(summary)
-                except Exception as exc:  # noqa: BLE001
-                    self._sink_failed(sink, exc)
+        """End the session: the summary from the model, then the observers' two close phases
+        (contribute, close), each in the factory's order. Never blocks."""
+        self.closed = True
+        now = self.clock()
+        self.migration.end(now)
+        summary = summarize(self.migration, started_wall=self.migration.started, ended_wall=now)
+        self._notify(lambda o: o.contribute(summary))
+        self._notify(lambda o: o.close(summary))
         return summary
 
-    # -- failures -----------------------------------------------------------------------------
-    def _parser_failed(self, tap: ChannelTap, direction: Direction, exc: Exception) -> None:
-        if direction is Direction.SRC_TO_DST:
-            tap.s2d = None
-        else:
-            tap.d2s = None
+    def wait_closed(self, timeout_s: float) -> bool:
+        """Blocking: wait for the observers' threads (the capture writer). Run in a worker."""
+        done = True
+        for observer in self.observers:
+            try:
+                done &= observer.wait_closed(timeout_s)
+            except Exception as exc:
+                self.log.exception("observer_close_failed", observer=type(observer).__name__,
+                               error=repr(exc))  # fmt: skip
+                done = False
+        return done
+
+    # -- failures -------------------------------------------------------------------------------
+    def parser_failed(
+        self, tap: ChannelTap, direction: Direction, exc: Exception, *, at_eof: bool = False
+    ) -> None:
+        tap.detach(direction)
         info = tap.info
+        if at_eof and isinstance(exc, TruncatedStream):
+            self._stream_cut(tap, direction, exc)  # the connection ended inside a record
+            return
         if info.parse_error is None:
             info.parse_error = f"{direction.value}: {exc}"
         fields: dict[str, object] = {
             "ch": info.index,
-            "kind": info.kind,
+            "kind": info.kind.value,
             "direction": direction.value,
             "error": str(exc),
             "error_type": type(exc).__name__,
@@ -315,19 +385,24 @@ class SessionTap:
         }
         if isinstance(exc, StreamError):
             fields.update(offset=exc.offset, state=exc.state)
-            section = self.progress.view.last_section
-            if section is not None and info.kind == "main" and direction is Direction.SRC_TO_DST:
+            section = self.migration.last_section
+            if (
+                section is not None
+                and info.kind is ChannelKind.MAIN
+                and direction is Direction.SRC_TO_DST
+            ):
                 fields["section"] = section.as_dict()
             self.log.warning("parser_detached", **fields)
         else:
             self.log.error("parser_crashed", **fields, exc_info=exc)
+        self._notify(lambda o: o.on_channel_changed(info))
 
     def _stream_cut(self, tap: ChannelTap, direction: Direction, exc: StreamError) -> None:
-        section = self.progress.view.last_section
+        section = self.migration.last_section
         self.log.info(
             "stream_cut",
             ch=tap.info.index,
-            kind=tap.info.kind,
+            kind=tap.info.kind.value,
             direction=direction.value,
             offset=exc.offset,
             state=exc.state,
@@ -338,42 +413,43 @@ class SessionTap:
     def _report_early_close(self, tap: ChannelTap) -> None:
         """The destination went away before EOF: say where in the stream that happened."""
         info = tap.info
-        view = self.progress.view
-        if info.first_closed != "destination" or view.shut_value == 0:
+        m = self.migration
+        if info.first_closed is not Peer.DESTINATION or m.shut_value == 0:
             return  # the source finished first, or the destination said it loaded fine
-        if view.eof_at is not None and info.reset_by != "destination":
+        if m.eof_at is not None and info.reset_by is not Peer.DESTINATION:
             return  # it read the whole stream and closed cleanly
-        section = view.last_section
+        section = m.last_section
         end = info.bytes_src_to_dst
         self.log.warning(
             "destination_closed_early",
             ch=info.index,
             close_reason=info.close_reason,
-            phase=view.phase,
+            phase=m.phase_text,
             section_in_flight=None if section is None else section.as_dict(),
             bytes_forwarded=end,
             last_bytes_offset=end - len(tap.tail),
             last_bytes_hex=tap.tail.hex(" "),
-            shut_value=view.shut_value,
+            shut_value=m.shut_value,
             action="the destination QEMU failed to load: see its log for the reason",
         )
 
-    def _sink_failed(self, sink: Sink, exc: Exception) -> None:
-        if sink in self.chunk_sinks:
-            self.chunk_sinks.remove(sink)
-        if sink in self.sinks:
-            self.sinks.remove(sink)
-            self.log.error(
-                "sink_detached",
-                sink=type(sink).__name__,
-                error=repr(exc),
-                action="the migration continues without it",
-                exc_info=exc,
-            )
+    def _detach(self, observer: Observer, exc: Exception) -> None:
+        if observer not in self.observers:
+            return
+        self.observers = tuple(o for o in self.observers if o is not observer)
+        self._chunk_observers = tuple(o for o in self._chunk_observers if o is not observer)
+        self.log.error(
+            "observer_detached",
+            observer=type(observer).__name__,
+            error=repr(exc),
+            action="the migration continues without it",
+            exc_info=exc,
+        )
 
-    def _each_sink(self, call: Callable[[Sink], None]) -> None:
-        for sink in list(self.sinks):
+    def _notify(self, call: Callable[[Observer], None]) -> None:
+        """Call every observer, each guarded; a detach never makes another one miss the call."""
+        for observer in self.observers:  # a tuple: detaching replaces it, never mutates it
             try:
-                call(sink)
-            except Exception as exc:  # noqa: BLE001
-                self._sink_failed(sink, exc)
+                call(observer)
+            except Exception as exc:  # noqa: BLE001 - an observer must never break the relay
+                self._detach(observer, exc)

@@ -19,7 +19,7 @@ fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-if ! .venv/bin/python -c "import migtap, pytest, pytest_asyncio, qemu.qmp, ruff" >/dev/null 2>&1 \
+if ! .venv/bin/python -c "import migtap, pytest, pytest_asyncio, qemu.qmp, ruff, importlinter" >/dev/null 2>&1 \
    || [ pyproject.toml -nt .venv/.installed ]; then
   echo "setup: installing migtap and its test extras into .venv" >&2
   .venv/bin/pip install -q --disable-pip-version-check -e '.[test,lint]'

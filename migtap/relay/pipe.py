@@ -14,10 +14,11 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol, cast
 
 import structlog
+
+from migtap.vocabulary import Direction, Peer
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -35,11 +36,6 @@ def reset(transport: asyncio.Transport) -> None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     transport.abort()
-
-
-class Direction(StrEnum):
-    SRC_TO_DST = "src-to-dst"
-    DST_TO_SRC = "dst-to-src"
 
 
 class PipeObserver(Protocol):
@@ -172,8 +168,8 @@ class Pipe:
         self.started_wall = time.time()
         self.ended: float | None = None
         self.close_reason: str | None = None
-        self.first_closed: str | None = None  # "source" or "destination": who ended first
-        self.reset_by: str | None = None  # "source" or "destination": who reset the connection
+        self.first_closed: Peer | None = None  # who ended first
+        self.reset_by: Peer | None = None  # who reset the connection
         self.error: str | None = None
         self.log = log.bind(pipe=pipe_id)
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -231,7 +227,7 @@ class Pipe:
 
     def _note_first(self, side: Side) -> None:
         if self.first_closed is None:
-            self.first_closed = "destination" if side.upstream else "source"
+            self.first_closed = Peer.DESTINATION if side.upstream else Peer.SOURCE
 
     def side_eof(self, side: Side) -> None:
         self._note_first(side)
@@ -249,7 +245,7 @@ class Pipe:
     def side_lost(self, side: Side, exc: Exception | None) -> None:
         self._note_first(side)
         if exc is not None and self.reset_by is None:
-            self.reset_by = "destination" if side.upstream else "source"
+            self.reset_by = Peer.DESTINATION if side.upstream else Peer.SOURCE
         other = side.peer
         if exc is not None and self.error is None:
             self.error = f"{'destination' if side.upstream else 'source'}: {exc!r}"

@@ -13,16 +13,25 @@ from typing import TYPE_CHECKING, Self
 import structlog
 
 from migtap.errors import RelayError
-from migtap.relay.pipe import Direction, Pipe, Tuning
+from migtap.model import Migration
+from migtap.observers import build_observers
+from migtap.relay.pipe import Pipe, Tuning
 from migtap.relay.session import Session, SessionRegistry, fmt_addr, host_of
 from migtap.tap import SessionTap, TapSettings
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from types import TracebackType
 
     from migtap.config import Config
+    from migtap.decode import Job
+    from migtap.model import DeviceBatch
+    from migtap.vocabulary import SessionSummary
 
 log = structlog.get_logger("migtap.relay")
+
+#: Longest wait for a session's decoding jobs, then for its capture writer, at its end.
+CLOSE_TIMEOUT_S = 30.0
 
 
 class Relay:
@@ -48,6 +57,8 @@ class Relay:
         self._stopping = asyncio.Event()
         self._closing = False
         self.sessions_ended: collections.deque[Session] = collections.deque(maxlen=256)
+        #: Device-state decoding jobs in flight, per session (closing waits for them).
+        self._jobs: dict[int, set[asyncio.Future[DeviceBatch]]] = {}
 
     # -- lifecycle --------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
@@ -103,13 +114,46 @@ class Relay:
         self._stopping.set()
 
     def _make_tap(self, session: Session) -> SessionTap:
-        assert self.tap_settings is not None
+        settings = self.tap_settings
+        assert settings is not None
         loop = asyncio.get_running_loop()
-        return SessionTap(
-            session.session_id,
-            self.tap_settings,
+        migration = Migration(
+            session.session_id, started=session.started_wall, page_size=settings.page_size
+        )
+        observers = build_observers(
+            migration,
+            capture_dir=settings.capture_dir,
+            capture_ram=settings.capture_ram,
+            config=settings.config,
             throttle=session,
             call_soon_threadsafe=loop.call_soon_threadsafe,
+        )
+        jobs = self._jobs.setdefault(session.session_id, set())
+
+        def offload(job: Job, done: Callable[[DeviceBatch], None]) -> None:
+            """Decode device state in a worker thread; hand the result back on the loop."""
+            future = loop.run_in_executor(None, job)
+            jobs.add(future)
+
+            def finished(f: asyncio.Future[DeviceBatch]) -> None:
+                jobs.discard(f)
+                if f.cancelled():
+                    return
+                exc = f.exception()
+                if exc is not None:
+                    log.error("device_decoding_crashed", session=session.session_id,
+                              error=repr(exc), exc_info=exc)  # fmt: skip
+                    return
+                done(f.result())
+
+            future.add_done_callback(finished)
+
+        return SessionTap(
+            migration,
+            observers,
+            vmdesc=settings.vmdesc,
+            progress_interval_s=settings.progress_interval_s,
+            offload=offload,
         )
 
     async def _tick(self) -> None:
@@ -120,7 +164,10 @@ class Relay:
             await asyncio.sleep(interval)
             for session in list(self.registry.sessions.values()):
                 if session.tap is not None:
-                    session.tap.tick()
+                    try:
+                        session.tap.tick()
+                    except Exception:  # a tap bug must not stop the ticks of other sessions
+                        log.exception("tap_crashed", session=session.session_id)
 
     async def wait_stopped(self) -> None:
         await self._stopping.wait()
@@ -240,11 +287,51 @@ class Relay:
         )
 
     def _session_ended(self, session: Session) -> None:
+        """The last connection of a session closed: finish its tap without blocking the loop
+        (device decoding and the capture writer finish in threads; see ``_close_session``)."""
+        closing = self._close_session(session)
+        try:
+            self._tg.create_task(closing)
+        except RuntimeError:  # the task group already finished (a pipe closed after shutdown)
+            closing.close()
+            summary = None
+            if session.tap is not None:
+                try:
+                    summary = session.tap.close()
+                except Exception:  # a tap bug must not take the relay down
+                    log.exception("tap_crashed", session=session.session_id)
+            self._log_session_ended(session, summary)
+
+    async def _close_session(self, session: Session) -> None:
+        tap = session.tap
+        summary = None
+        if tap is not None:
+            try:
+                tap.finish()
+                jobs = self._jobs.get(session.session_id, set())
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                        while jobs:
+                            await asyncio.gather(*list(jobs), return_exceptions=True)
+                summary = tap.close()
+                if not await asyncio.to_thread(tap.wait_closed, CLOSE_TIMEOUT_S):
+                    log.warning(
+                        "session_close_slow",
+                        session=session.session_id,
+                        timeout_s=CLOSE_TIMEOUT_S,
+                        action="the capture is still being written; it finishes on its own",
+                    )
+            except Exception:  # a tap bug must not take the relay down
+                log.exception("tap_crashed", session=session.session_id)
+            finally:
+                self._jobs.pop(session.session_id, None)
+        self._log_session_ended(session, summary)
+
+    def _log_session_ended(self, session: Session, summary: SessionSummary | None) -> None:
         s2d, d2s = session.totals()
         duration = (session.ended or time.monotonic()) - session.started
         errors = [c.pipe.error for c in session.channels if c.pipe.error]
         reasons = sorted({c.pipe.close_reason or "?" for c in session.channels})
-        summary = session.tap.close() if session.tap is not None else None
         log.info(
             "session_ended",
             session=session.session_id,
@@ -256,9 +343,9 @@ class Relay:
             rate_mib_s=round(s2d / duration / 2**20, 1) if duration > 0 else None,
             close_reasons=reasons,
             errors=errors or None,
-            outcome=summary.outcome if summary is not None else None,
+            outcome=summary.outcome.value if summary is not None else None,
         )
         self.sessions_ended.append(session)
 
 
-__all__ = ["Direction", "Relay"]
+__all__ = ["Relay"]

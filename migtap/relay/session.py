@@ -8,13 +8,16 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from migtap.relay.pipe import Direction, Pipe
-from migtap.sinks import ChannelInfo
-from migtap.wire.channel import ChannelKind, classify
+from migtap.errors import StreamError
+from migtap.vocabulary import ChannelInfo, ChannelKind, Direction
+from migtap.wire.channel import classify
+from migtap.wire.events import MultifdInit
+from migtap.wire.multifd import MULTIFD_INIT_SIZE, MultifdParser
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from migtap.relay.pipe import Pipe
     from migtap.tap import ChannelTap, SessionTap
 
 log = structlog.get_logger("migtap.relay")
@@ -23,9 +26,18 @@ log = structlog.get_logger("migtap.relay")
 MAX_PENDING = 64 * 1024
 #: Bytes held per multifd connection waiting for its session's main channel to show the UUID.
 MAX_WAITING = 16 * 1024 * 1024
-#: A multifd channel header carries the source VM's UUID at bytes 8..24 (reference §5.1).
-MULTIFD_UUID = slice(8, 24)
 NO_UUID = bytes(16)
+
+
+def multifd_uuid(prefix: bytes) -> bytes | None:
+    """The source VM's UUID from a multifd channel's MultiFDInit, as the wire parser reads it;
+    None if the init does not parse (the tap's own parser will say why)."""
+    try:
+        events = MultifdParser().feed(prefix[:MULTIFD_INIT_SIZE])
+    except StreamError:
+        return None
+    init = next((e for e in events if isinstance(e, MultifdInit)), None)
+    return None if init is None else init.uuid.bytes
 
 
 @dataclass(slots=True)
@@ -152,7 +164,13 @@ class SessionRegistry:
         tap = channel.tap
         if tap is not None:
             assert channel.session_tap is not None
-            channel.session_tap.on_chunk(tap, direction, offset, chunk)
+            try:
+                channel.session_tap.on_chunk(tap, direction, offset, chunk)
+            except Exception:  # a tap bug: stop tapping this connection, keep relaying it
+                log.exception(
+                    "tap_crashed", pipe=pipe.pipe_id, action="connection no longer tapped"
+                )
+                channel.tap = None
             return
         if channel.kind is not None and not channel.waiting:
             return  # classified, but its session has no tap
@@ -170,18 +188,18 @@ class SessionRegistry:
             return
         if direction is not Direction.SRC_TO_DST or channel.waiting:
             return
-        if len(channel.prefix) < MULTIFD_UUID.stop:
-            channel.prefix += chunk[: MULTIFD_UUID.stop - len(channel.prefix)]
+        if len(channel.prefix) < MULTIFD_INIT_SIZE:
+            channel.prefix += chunk[: MULTIFD_INIT_SIZE - len(channel.prefix)]
         kind = classify(channel.prefix)
         if kind is ChannelKind.MULTIFD:
-            if len(channel.prefix) < MULTIFD_UUID.stop:
-                return  # wait for the UUID
+            if len(channel.prefix) < MULTIFD_INIT_SIZE:
+                return  # wait for the whole MultiFDInit, with the UUID
             self._multifd_arrived(channel)
         elif kind is not None:
             self._assign(channel, kind)
 
     def _multifd_arrived(self, channel: Channel) -> None:
-        uuid = channel.prefix[MULTIFD_UUID]
+        uuid = multifd_uuid(channel.prefix) or NO_UUID
         channel.uuid = uuid
         session = self._by_uuid.get(uuid)
         if session is not None and session.open:
@@ -216,9 +234,12 @@ class SessionRegistry:
             self._assign(channel, classify(channel.prefix[:4]) or ChannelKind.UNKNOWN)
         session = self._session_of.pop(pipe.pipe_id)
         if session.tap is not None and channel.tap is not None:
-            session.tap.channel_closed(
-                channel.tap, pipe.close_reason, pipe.first_closed, pipe.reset_by
-            )
+            try:
+                session.tap.channel_closed(
+                    channel.tap, pipe.close_reason, pipe.first_closed, pipe.reset_by
+                )
+            except Exception:  # a tap bug must not leave the pipe registered
+                log.exception("tap_crashed", session=session.session_id, pipe=pipe.pipe_id)
         if all(c.pipe.ended is not None for c in session.channels) and session.ended is None:
             session.ended = time.monotonic()
             del self.sessions[session.session_id]
@@ -255,12 +276,12 @@ class SessionRegistry:
             info = ChannelInfo(
                 index=index,
                 pipe_id=pipe.pipe_id,
-                kind=kind.value,
+                kind=kind,
                 source=fmt_addr(pipe.source),
                 destination=fmt_addr(pipe.destination),
                 started_wall=pipe.started_wall,
             )
-            channel.tap = session.tap.add_channel(info, kind)
+            channel.tap = session.tap.add_channel(info)
             channel.session_tap = session.tap
             pending, channel.pending, channel.pending_bytes = channel.pending, [], 0
             for direction, offset, chunk in pending:
