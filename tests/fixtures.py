@@ -1,30 +1,28 @@
-"""Locate the shared, read-only reference fixtures (real QEMU streams and vmdescs)."""
+"""Locate the project's own real-QEMU fixtures under tests/data/ (made by scripts/make_fixtures.py).
+
+``tests/data/qemu-7.2/`` holds small slices of streams captured from QEMU 7.2; its README.md says
+what each file is and how it was made.
+"""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-# The read-only reference material lives beside the checkout (../shared); MIGTAP_SHARED overrides,
-# and a clone elsewhere (CI's clean clone) falls back to the workspace's /work/shared.
-_CANDIDATES = [
-    *([Path(os.environ["MIGTAP_SHARED"])] if os.environ.get("MIGTAP_SHARED") else []),
-    Path(__file__).resolve().parents[1].parent / "shared",
-    Path("/work/shared"),
-]
-SHARED = next((p for p in _CANDIDATES if p.is_dir()), _CANDIDATES[0])
-_ROOTS = (SHARED, SHARED / "reference", SHARED / "reference" / "fixtures-qemu-7.2")
+DATA = Path(__file__).resolve().parent / "data"
+DEFAULT_SET = "qemu-7.2"  # a bare file name means a file of this set
 
 
 def fixture(name: str) -> Path:
-    """Path of ``name`` relative to shared/, shared/reference/ or its fixtures-qemu-7.2/.
+    """Path of ``name`` under tests/data/ (``qemu-7.2/postcopy.head.bin``); a bare file name
+    (``postcopy.head.bin``) is looked up in tests/data/qemu-7.2/.
 
     Fails with a clear message, rather than letting a test skip, when the file is missing.
     """
-    for root in _ROOTS:
-        path = root / name
+    tried = [DATA / name]
+    if "/" not in name:
+        tried.append(DATA / DEFAULT_SET / name)
+    for path in tried:
         if path.is_file():
             return path
-    tried = ", ".join(str(root / name) for root in _ROOTS)
-    msg = f"shared fixture {name!r} not found (tried {tried}); is {SHARED} present?"
+    msg = f"fixture {name!r} not found (tried {', '.join(map(str, tried))})"
     raise FileNotFoundError(msg)

@@ -10,7 +10,7 @@ from migtap.annotate.vmsd import VmDescription
 from migtap.annotate.walk import DecodedSection, decode_section, footer_at
 from tests.fixtures import fixture
 
-TAIL_BASE = 546182  # stream offset of the tail file's first byte (fixture README)
+TAIL_BASE = 1583333  # stream offset of the tail file's first byte (tests/data/qemu-7.2/README.md)
 QEMU_VM_EOF = 0x00
 QEMU_VM_SECTION_FULL = 0x04
 QEMU_VM_VMDESCRIPTION = 0x06
@@ -29,14 +29,12 @@ class FullSection:
 
 @cache
 def tail_bytes() -> bytes:
-    return fixture("fixtures-qemu-7.2/file-precopy.tail.bin").read_bytes()
+    return fixture("qemu-7.2/file-precopy.tail.bin").read_bytes()
 
 
 @cache
 def tail_vmdesc() -> VmDescription:
-    return VmDescription.from_json(
-        fixture("fixtures-qemu-7.2/vmdesc-pc-i440fx-7.2.json").read_bytes()
-    )
+    return VmDescription.from_json(fixture("qemu-7.2/vmdesc-pc-i440fx-7.2.json").read_bytes())
 
 
 def first_full(data: bytes) -> int:

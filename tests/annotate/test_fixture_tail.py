@@ -31,18 +31,18 @@ def test_embedded_vmdesc_equals_the_json_fixture() -> None:
     text = data[eof + 6 : eof + 6 + length]
     assert eof + 6 + length == len(data)
     assert json.loads(text) == json.loads(
-        fixture("fixtures-qemu-7.2/vmdesc-pc-i440fx-7.2.json").read_bytes()
+        fixture("qemu-7.2/vmdesc-pc-i440fx-7.2.json").read_bytes()
     )
     assert VmDescription.from_json(text) == tail_vmdesc()
-    # Reference §1.4: EOF at 0x887DE, VMDESCRIPTION at 0x887DF, 98 771 bytes of JSON.
-    assert TAIL_BASE + eof == 0x887DE
+    # tests/data/qemu-7.2/README.md: EOF at 0x185B3D, VMDESCRIPTION at 0x185B3E, 98 771 bytes.
+    assert TAIL_BASE + eof == 0x185B3D
     assert length == 98771
 
 
 def test_every_section_ends_at_its_footer_and_every_device_is_decoded() -> None:
     vmdesc = tail_vmdesc()
     sections, _ = walk_tail(vmdesc)
-    # The fixture README says 31; the bytes hold 30 FULL sections, one per vmdesc device.
+    # 30 FULL sections, one per vmdesc device.
     assert len(sections) == 30
     assert [(s.idstr, s.instance_id) for s in sections] == [
         (d.name, d.instance_id) for d in vmdesc.devices
@@ -65,11 +65,11 @@ def test_globalstate_runstate_running() -> None:
     sections, _ = walk_tail(tail_vmdesc())
     glob = sections[-1]
     assert glob.idstr == "globalstate"
-    assert glob.offset == 0x88758  # reference §1.4
+    assert glob.offset == 0x185AB7  # tests/data/qemu-7.2/README.md
     assert glob.decoded.fields == {"size": 8, "runstate": b"running\0" + bytes(92)}
     size = glob.decoded.root.fields["size"]
     assert isinstance(size, Leaf)
-    assert size.offset == 0x88758 + 1 + 4 + 1 + 11 + 4 + 4
+    assert size.offset == 0x185AB7 + 1 + 4 + 1 + 11 + 4 + 4
 
 
 def test_fw_cfg_and_pcibus_match_reference_worked_example() -> None:

@@ -15,7 +15,7 @@ from tests.fixtures import fixture
 
 
 def real() -> bytes:
-    return fixture("fixtures-qemu-7.2/vmdesc-pc-i440fx-7.2.json").read_bytes()
+    return fixture("qemu-7.2/vmdesc-pc-i440fx-7.2.json").read_bytes()
 
 
 def test_real_vmdesc_from_bytes_str_and_dict() -> None:
