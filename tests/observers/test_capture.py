@@ -1,4 +1,5 @@
-"""The capture sink: byte-exact files, modes, the index, session.json, backpressure, failures."""
+"""The capture observer: byte-exact files, modes, the index, session.json, backpressure, failures,
+closing off the loop."""
 
 from __future__ import annotations
 
@@ -18,22 +19,20 @@ from typing import TYPE_CHECKING, Any, cast
 import pytest
 from structlog.testing import capture_logs
 
-from migtap.errors import CaptureError
-from migtap.relay.pipe import Direction
-from migtap.sinks import ChannelInfo, SessionSummary
-from migtap.sinks import capture as capture_mod
-from migtap.sinks.capture import (
+from migtap import capture_format as capture_mod
+from migtap.capture_format import (
     FORMAT_VERSION,
     UPGRADERS,
-    CaptureSink,
     event_kind,
     event_record,
     read_index,
-    write_all,
 )
+from migtap.errors import CaptureError
+from migtap.model import Migration
+from migtap.observers.capture import CaptureObserver
+from migtap.observers.capture_writer import write_all
+from migtap.vocabulary import ChannelInfo, ChannelKind, Direction, Outcome, Peer, SessionSummary
 from migtap.wire import events as ev
-from migtap.wire import multifd as mfd
-from migtap.wire import return_path as rp
 from migtap.wire.constants import MigCmd, SectionType
 from migtap.wire.multifd import MultifdParser
 from migtap.wire.stream import StreamParser
@@ -83,10 +82,13 @@ class FakeLoop:
             n += 1
 
 
-def make_sink(tmp_path: Path, **kw: Any) -> tuple[CaptureSink, FakeThrottle, FakeLoop]:
+def make_sink(
+    tmp_path: Path, *, session_id: Any = 7, page_size: int = 4096, **kw: Any
+) -> tuple[CaptureObserver, FakeThrottle, FakeLoop]:
     throttle, loop = FakeThrottle(), FakeLoop()
-    kw.setdefault("session_id", 7)
-    sink = CaptureSink(
+    migration = Migration(session_id, started=time.time(), page_size=page_size)
+    sink = CaptureObserver(
+        migration,
         tmp_path / "captures",
         throttle=throttle,
         call_soon_threadsafe=loop.call_soon_threadsafe,
@@ -96,7 +98,7 @@ def make_sink(tmp_path: Path, **kw: Any) -> tuple[CaptureSink, FakeThrottle, Fak
     return sink, throttle, loop
 
 
-def channel(index: int, kind: str = "main", **kw: Any) -> ChannelInfo:
+def channel(index: int, kind: ChannelKind = ChannelKind.MAIN, **kw: Any) -> ChannelInfo:
     return ChannelInfo(
         index=index,
         pipe_id=100 + index,
@@ -108,18 +110,29 @@ def channel(index: int, kind: str = "main", **kw: Any) -> ChannelInfo:
     )
 
 
-def summary(channels: list[ChannelInfo], outcome: str = "completed") -> SessionSummary:
+def summary(channels: list[ChannelInfo], outcome: Outcome = Outcome.COMPLETED) -> SessionSummary:
     now = time.time()
     return SessionSummary(7, outcome, now - 1, now, channels, {"ram_normal_pages": 5})
 
 
-def wait_idle(sink: CaptureSink, loop: FakeLoop | None = None, timeout: float = 5.0) -> None:
+def close(sink: CaptureObserver, s: SessionSummary, loop: FakeLoop | None = None) -> None:
+    """Close as the relay does: contribute, close (on the loop), wait_closed (a worker thread);
+    then run what the writer handed back to the loop."""
+    sink.contribute(s)
+    sink.close(s)
+    assert sink.wait_closed(10)
+    if loop is not None:
+        loop.run()
+
+
+def wait_idle(sink: CaptureObserver, loop: FakeLoop | None = None, timeout: float = 5.0) -> None:
+    writer = sink.writer
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if loop is not None:
             loop.run()
-        with sink._cond:
-            if sink._queued == 0 and not sink._ops:
+        with writer._cond:
+            if writer._shared.queued == 0 and not writer._shared.ops:
                 return
         time.sleep(0.002)
     pytest.fail("the writer did not drain")
@@ -131,7 +144,11 @@ def chunks(data: bytes, size: int) -> Iterator[bytes]:
 
 
 def feed_parsed(
-    sink: CaptureSink, ch: ChannelInfo, data: bytes, size: int, parser: StreamParser | MultifdParser
+    sink: CaptureObserver,
+    ch: ChannelInfo,
+    data: bytes,
+    size: int,
+    parser: StreamParser | MultifdParser,
 ) -> list[object]:
     """Drive the sink as the tap does: on_chunk, then the events parsing that chunk produced."""
     seen: list[object] = []
@@ -149,11 +166,11 @@ def feed_parsed(
     return seen
 
 
-def feed_main(sink: CaptureSink, ch: ChannelInfo, data: bytes, size: int) -> list[object]:
+def feed_main(sink: CaptureObserver, ch: ChannelInfo, data: bytes, size: int) -> list[object]:
     return feed_parsed(sink, ch, data, size, StreamParser(page_size=4096))
 
 
-def feed_multifd(sink: CaptureSink, ch: ChannelInfo, data: bytes, size: int) -> list[object]:
+def feed_multifd(sink: CaptureObserver, ch: ChannelInfo, data: bytes, size: int) -> list[object]:
     return feed_parsed(sink, ch, data, size, MultifdParser(page_size=4096))
 
 
@@ -180,7 +197,7 @@ def test_bytes_identical_per_channel_and_direction(tmp_path: Path, size: int) ->
     mstream = multifd_stream()
     ret = rp_shut(0) + os.urandom(3000)
     sink, throttle, loop = make_sink(tmp_path)
-    main, mf, other = channel(0), channel(1, "multifd"), channel(2, "tls")
+    main, mf, other = channel(0), channel(1, ChannelKind.MULTIFD), channel(2, ChannelKind.TLS)
     for ch in (main, mf, other):
         sink.on_channel(ch)
     feed_main(sink, main, sample, size)
@@ -194,7 +211,7 @@ def test_bytes_identical_per_channel_and_direction(tmp_path: Path, size: int) ->
     other.bytes_src_to_dst = len(tls)
     for ch in (main, mf, other):
         sink.on_channel_closed(ch)
-    sink.on_close(summary([main, mf, other]))
+    close(sink, summary([main, mf, other]))
     d = sink.directory
     assert sha((d / "src-to-dst.bin").read_bytes()) == sha(sample)
     assert sha((d / "dst-to-src.bin").read_bytes()) == sha(ret)
@@ -229,7 +246,7 @@ def test_root_created_and_name(tmp_path: Path) -> None:
     assert sink2.directory != sink.directory
     assert sink2.directory.parent == tmp_path / "captures"
     for s in (sink, sink2):
-        s.on_close(summary([]))
+        close(s, summary([]))
 
 
 @pytest.mark.parametrize("bad", ["../../etc", "1/../..", "x", 1.5])
@@ -245,7 +262,7 @@ def test_negative_or_huge_session_id_stays_under_root(tmp_path: Path) -> None:
     for sid in (-1, 10**30):
         sink, _, _ = make_sink(tmp_path, session_id=sid)
         assert sink.directory.resolve().parent == (tmp_path / "captures").resolve()
-        sink.on_close(summary([]))
+        close(sink, summary([]))
 
 
 # -- permissions -----------------------------------------------------------------------------------
@@ -261,7 +278,7 @@ def test_modes_whatever_the_umask(tmp_path: Path, umask: int) -> None:
         feed_main(sink, main, sample_stream().data, 4096)
         sink.on_chunk(main, D2S, 0, rp_shut(0))
         sink.on_channel_closed(main)
-        sink.on_close(summary([main]))
+        close(sink, summary([main]))
     finally:
         os.umask(old)
     assert stat.S_IMODE(sink.directory.stat().st_mode) == 0o700
@@ -298,25 +315,25 @@ ALL_EVENTS: list[object] = [
     ev.Packaged(9810, 100, 9819),
     ev.PackagedEnd(9919),
     ev.EndOfState(9920),
-    ev.VmDescription(9921, b'{"page_size": 4096}', {"page_size": 4096}, 4096),
+    ev.VmDescription(9921, b'{"page_size": 4096}'),
     ev.Unparsed(9950, "unknown section type 0x42", None),
-    mfd.MultifdInit(0, 1, UUID, 3),
-    mfd.MultifdPacket(64, 1, 9, 128, 3, 1, 12288, "pc.ram", 12288, sync=True),
-    mfd.MultifdDeviceState(20000, 64, "vfio", 0, 100),
-    rp.RpShut(0, 0),
-    rp.RpPong(4, 7),
-    rp.RpReqPagesId(12, 0, 4096, "pc.ram"),
-    rp.RpReqPages(40, 4096, 4096, None),
-    rp.RpRecvBitmap(60, "pc.ram", 64),
-    rp.RpResumeAck(100, 1),
-    rp.RpSwitchoverAck(108),
+    ev.MultifdInit(0, 1, UUID, 3),
+    ev.MultifdPacket(64, 1, 9, 128, 3, 1, 12288, "pc.ram", 12288, sync=True),
+    ev.MultifdDeviceState(20000, 64, "vfio", 0, 100),
+    ev.RpShut(0, 0),
+    ev.RpPong(4, 7),
+    ev.RpReqPagesId(12, 0, 4096, "pc.ram"),
+    ev.RpReqPages(40, 4096, 4096, None),
+    ev.RpRecvBitmap(60, "pc.ram", 64),
+    ev.RpResumeAck(100, 1),
+    ev.RpSwitchoverAck(108),
 ]
 
 
 def test_every_event_class_has_a_sample() -> None:
     classes = {
         obj
-        for module in (ev, mfd, rp)
+        for module in (ev,)
         for obj in vars(module).values()
         if isinstance(obj, type)
         and dataclasses.is_dataclass(obj)
@@ -347,7 +364,7 @@ def test_event_record_special_cases() -> None:
         event_kind(e): event_record(e, channel=0, direction="src-to-dst", t=0.0) for e in ALL_EVENTS
     }
     assert event_kind(ev.RamPages(0, 0, 0, "", 0)) == "ram_pages"
-    assert event_kind(rp.RpReqPagesId(0, 0, 0, "")) == "rp_req_pages_id"
+    assert event_kind(ev.RpReqPagesId(0, 0, 0, "")) == "rp_req_pages_id"
     assert by_kind["ram_pages"] | {} == {
         "v": 1,
         "t": 0.0,
@@ -386,7 +403,7 @@ def test_event_record_special_cases() -> None:
     assert by_kind["unparsed"]["length"] is None
 
 
-def index_of(sink: CaptureSink) -> list[dict[str, Any]]:
+def index_of(sink: CaptureObserver) -> list[dict[str, Any]]:
     return list(read_index(sink.directory / "events.jsonl"))
 
 
@@ -396,9 +413,9 @@ def test_index_lines_offsets_and_kinds(tmp_path: Path) -> None:
     sink.on_channel(main)
     events = feed_main(sink, main, sample_stream().data, 1000)
     sink.on_chunk(main, D2S, 0, rp_shut(0))
-    sink.on_event(main, D2S, rp.RpShut(0, 0))
+    sink.on_event(main, D2S, ev.RpShut(0, 0))
     sink.on_channel_closed(main)
-    sink.on_close(summary([main]))
+    close(sink, summary([main]))
     raw = (sink.directory / "events.jsonl").read_text().splitlines()
     assert all(json.loads(line)["v"] == 1 for line in raw)
     lines = index_of(sink)
@@ -477,13 +494,20 @@ def test_session_json(tmp_path: Path) -> None:
     feed_main(sink, main, data, 4096)
     main.ended_wall = time.time()
     main.close_reason = "eof_both"
+    main.first_closed = Peer.SOURCE
     sink.on_channel_closed(main)
-    sink.on_close(summary([main], outcome="completed"))
+    s = summary([main], outcome=Outcome.COMPLETED)
+    close(sink, s)
     doc = json.loads((sink.directory / "session.json").read_text())
     assert doc["v"] == 1
     assert doc["session_id"] == 7
     assert doc["outcome"] == "completed"
-    assert doc["summary"] == {"ram_normal_pages": 5}
+    assert doc["summary"] == {"ram_normal_pages": 5, "capture_dir": str(sink.directory)}
+    assert s.fields["capture_dir"] == str(sink.directory)  # contributed to the summary
+    assert doc["started_t"] == s.started_wall  # exact, beside the ISO form
+    assert doc["ended_t"] == s.ended_wall
+    assert doc["session_started"].endswith("Z")
+    assert doc["session_ended"].endswith("Z")
     assert doc["capture_ram"] == "full"
     assert doc["complete"] is True
     assert doc["error"] is None
@@ -496,6 +520,8 @@ def test_session_json(tmp_path: Path) -> None:
     assert ch["source"] == "127.0.0.1:5000"
     assert ch["destination"] == "127.0.0.1:6000"
     assert ch["close_reason"] == "eof_both"
+    assert ch["first_closed"] == "source"
+    assert ch["reset_by"] is None
     assert ch["bytes_src_to_dst"] == len(data)
     assert ch["parse_error"] is None
     assert ch["ended"].endswith("Z")
@@ -515,7 +541,7 @@ def test_session_json(tmp_path: Path) -> None:
 
 def test_backpressure_pause_once_resume_after_drain(tmp_path: Path) -> None:
     sink, throttle, loop = make_sink(tmp_path, queue_high=20_000, queue_low=5_000)
-    main = channel(0, "unknown")
+    main = channel(0, ChannelKind.UNKNOWN)
     sink.on_channel(main)
     wait_idle(sink, loop)
     gate = threading.Event()
@@ -524,7 +550,7 @@ def test_backpressure_pause_once_resume_after_drain(tmp_path: Path) -> None:
         gate.wait(5)
         write_all(fd, data)
 
-    sink._write = slow
+    sink.writer._write = slow
     payload = os.urandom(4000)
     for i in range(12):  # 48 KB queued, the writer is stuck
         sink.on_chunk(main, S2D, i * 4000, payload)
@@ -542,7 +568,7 @@ def test_backpressure_pause_once_resume_after_drain(tmp_path: Path) -> None:
         sink.on_chunk(main, S2D, i * 4000, payload)
     assert throttle.calls[-1] == ("pause", "capture")
     gate.set()
-    sink.on_close(summary([main]))
+    close(sink, summary([main]))
     loop.run()
     assert throttle.calls.count(("pause", "capture")) == 2
     assert throttle.calls.count(("resume", "capture")) == 2
@@ -569,7 +595,7 @@ def test_disk_full_stops_the_capture_not_the_caller(tmp_path: Path) -> None:
         gate.wait(5)
         enospc(fd, data)
 
-    sink._write = full
+    sink.writer._write = full
     with capture_logs() as logs:
         for i in range(10):
             sink.on_chunk(main, S2D, 104 + i * 4000, bytes(4000))
@@ -584,8 +610,8 @@ def test_disk_full_stops_the_capture_not_the_caller(tmp_path: Path) -> None:
             sink.on_chunk(main, S2D, 40_104 + i * 4000, bytes(4000))
             sink.on_event(main, S2D, ev.EndOfState(40_104 + i))
         loop.run()
-        sink._write = write_all
-        sink.on_close(summary([main], outcome="completed"))
+        sink.writer._write = write_all
+        close(sink, summary([main], outcome=Outcome.COMPLETED))
         loop.run()
     failed = [e for e in logs if e["event"] == "capture_failed"]
     assert len(failed) == 1
@@ -611,10 +637,10 @@ def test_failure_on_close_never_raises(tmp_path: Path) -> None:
     main = channel(0)
     sink.on_channel(main)
     wait_idle(sink, loop)
-    sink._write = enospc
+    sink.writer._write = enospc
     with capture_logs() as logs:
         sink.on_chunk(main, S2D, 0, b"x" * 10)
-        sink.on_close(summary([main]))
+        close(sink, summary([main]))
         loop.run()
     assert not sink.complete
     assert [e["event"] for e in logs].count("capture_failed") == 1
@@ -636,7 +662,7 @@ def test_capture_ram_none_main_and_multifd(tmp_path: Path, size: int) -> None:
     mstream = multifd_stream()
     ret = rp_shut(0)
     sink, _, _ = make_sink(tmp_path, capture_ram="none")
-    main, mf, other = channel(0), channel(1, "multifd"), channel(2, "unknown")
+    main, mf, other = channel(0), channel(1, ChannelKind.MULTIFD), channel(2, ChannelKind.UNKNOWN)
     for ch in (main, mf, other):
         sink.on_channel(ch)
     main_events = feed_main(sink, main, sample, size)
@@ -645,7 +671,7 @@ def test_capture_ram_none_main_and_multifd(tmp_path: Path, size: int) -> None:
     sink.on_chunk(other, S2D, 0, os.urandom(9000))
     for ch in (main, mf, other):
         sink.on_channel_closed(ch)
-    sink.on_close(summary([main, mf, other]))
+    close(sink, summary([main, mf, other]))
     d = sink.directory
 
     ram = [(e.offset, e.offset + e.length) for e in main_events if isinstance(e, ev.RamPages)]
@@ -656,7 +682,7 @@ def test_capture_ram_none_main_and_multifd(tmp_path: Path, size: int) -> None:
     cuts = [
         (e.offset + hdr, e.offset + hdr + e.payload_bytes)
         for e in mf_events
-        if isinstance(e, mfd.MultifdPacket)
+        if isinstance(e, ev.MultifdPacket)
     ]
     mf_file = (d / "conn-1-multifd.src-to-dst.bin").read_bytes()
     assert mf_file == expected_without(mstream, cuts)
@@ -703,7 +729,7 @@ def test_capture_ram_none_detached_parser_leaves_the_rest_out(tmp_path: Path) ->
     main.parse_error = "StreamError: pretend"
     sink.on_chunk(main, S2D, 200, sample[200:])
     sink.on_channel_closed(main)
-    sink.on_close(summary([main]))
+    close(sink, summary([main]))
     out = (sink.directory / "src-to-dst.bin").read_bytes()
     assert len(out) <= 200
     assert sample.startswith(out)
@@ -722,7 +748,7 @@ def test_capture_ram_none_unparsed_rest(tmp_path: Path) -> None:
     sink.on_event(main, S2D, ev.StreamHeader(0, 0x5145564D, 3))
     sink.on_event(main, S2D, ev.Unparsed(40, "garbage", None))
     sink.on_chunk(main, S2D, 100, b"B" * 100)
-    sink.on_close(summary([main]))
+    close(sink, summary([main]))
     assert (sink.directory / "src-to-dst.bin").read_bytes() == b"A" * 40
     files = json.loads((sink.directory / "session.json").read_text())["channels"][0]["files"]
     assert files["src-to-dst"]["left_out_from"] == 40
@@ -745,7 +771,7 @@ def test_write_file(tmp_path: Path) -> None:
         for bad in ("../x", "session.json", "events.jsonl", "src-to-dst.bin", ".hidden", "a/b"):
             with pytest.raises(ValueError, match="capture"):
                 sink.write_file(bad, b"")
-        sink.on_close(summary([]))
+        close(sink, summary([]))
     finally:
         os.umask(old)
     path = sink.directory / "annotated.jsonl"
@@ -758,31 +784,188 @@ def test_write_file(tmp_path: Path) -> None:
 
 
 def test_capture_ram_none_real_multifd_header(tmp_path: Path) -> None:
-    """QEMU 7.2 channel 0: init, an empty SYNC packet, a SYNC packet with 128 pages whose
-    payload the fixture leaves out; we add a fake payload and expect exactly it to be cut."""
+    """QEMU 7.2 channel 0: init, an empty SYNC packet, a packet with 128 pages whose payload
+    the fixture leaves out; we add a fake payload and expect exactly it to be cut."""
     real = fixture("multifd-ch0.first-packets.bin").read_bytes()
     data = real + b"\xaa" * (128 * 4096)
     sink, _, _ = make_sink(tmp_path, capture_ram="none")
-    mf = channel(0, "multifd")
+    mf = channel(0, ChannelKind.MULTIFD)
     sink.on_channel(mf)
     feed_multifd(sink, mf, data, 1000)
     sink.on_channel_closed(mf)
-    sink.on_close(summary([mf]))
+    close(sink, summary([mf]))
     assert (sink.directory / "conn-0-multifd.src-to-dst.bin").read_bytes() == real
     assert sink.complete
 
 
 def test_capture_ram_none_wrong_page_size_is_caught(tmp_path: Path) -> None:
-    """The sink's page_size disagrees with the stream's: it leaves the rest out, never leaks."""
+    """The model's page size disagrees with the stream's: the rest is left out, never leaked."""
     data = multifd_stream()
     sink, _, _ = make_sink(tmp_path, capture_ram="none", page_size=8192)
-    mf = channel(0, "multifd")
+    mf = channel(0, ChannelKind.MULTIFD)
     sink.on_channel(mf)
     feed_multifd(sink, mf, data, 4096)
     sink.on_channel_closed(mf)
-    sink.on_close(summary([mf]))
+    close(sink, summary([mf]))
     out = (sink.directory / "conn-0-multifd.src-to-dst.bin").read_bytes()
     assert out == data[:64]  # only the confirmed init message
     files = json.loads((sink.directory / "session.json").read_text())["channels"][0]["files"]
     assert files["src-to-dst"]["left_out_reason"] == "multifd_framing_mismatch"
     assert files["src-to-dst"]["left_out_from"] == 64
+
+
+# -- closing off the loop --------------------------------------------------------------------------
+
+
+def test_close_never_blocks_and_wait_closed_finds_session_final(tmp_path: Path) -> None:
+    sink, _, loop = make_sink(tmp_path)
+    main = channel(0)
+    sink.on_channel(main)
+    wait_idle(sink, loop)
+    delay = 0.3
+
+    def slow(fd: int, data: bytes) -> None:
+        time.sleep(delay)
+        write_all(fd, data)
+
+    sink.writer._write = slow
+    sink.on_chunk(main, S2D, 0, b"QEVM" + bytes(100))
+    main.bytes_src_to_dst = 104
+    sink.on_channel_closed(main)
+    s = summary([main])
+    with capture_logs() as logs:
+        sink.contribute(s)
+        started = time.monotonic()
+        sink.close(s)
+        assert time.monotonic() - started < delay / 3  # on the loop: hands over, never waits
+        assert [e["event"] for e in logs] == []  # capture_closed comes from the writer
+        assert sink.wait_closed(0.01) is False  # still writing: the relay logs it
+        assert sink.wait_closed(10) is True
+        loop.run()
+    doc = json.loads((sink.directory / "session.json").read_text())
+    assert doc["closed"] is True
+    assert doc["complete"] is True
+    assert doc["outcome"] == "completed"
+    assert doc["channels"][0]["files"]["src-to-dst"]["bytes_written"] == 104
+    assert sink.complete
+    closed = [e for e in logs if e["event"] == "capture_closed"]
+    assert len(closed) == 1
+    assert closed[0]["complete"] is True
+    assert closed[0]["bytes_written"] == 104
+    assert not list(sink.directory.glob(".*.tmp"))
+
+
+def test_index_time_is_the_model_time(tmp_path: Path) -> None:
+    """Each index line's ``t`` is ``migration.now`` (set by the tap before observers run), so
+    ``migtap analyze`` can replay the capture with the live timings."""
+    sink, _, _ = make_sink(tmp_path)
+    main = channel(0)
+    sink.on_channel(main)
+    parser = StreamParser(page_size=4096)
+    times: list[float] = []
+    offset = 0
+    for i, piece in enumerate(chunks(sample_stream().data, 5000)):
+        sink.on_chunk(main, S2D, offset, piece)
+        offset += len(piece)
+        for event in parser.feed(piece):
+            sink.migration.now = 1_000_000.0 + i * 0.25  # the model's time, not the clock's
+            sink.on_event(main, S2D, event)
+            times.append(sink.migration.now)
+    close(sink, summary([main]))
+    lines = index_of(sink)
+    assert lines[0]["kind"] == "capture_started"
+    assert lines[0]["t"] == sink.migration.started
+    assert [r["t"] for r in lines[1:]] == times
+
+
+# -- a channel identified late ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("capture_ram", ["full", "none"])
+def test_preempt_channel_recognised_late_is_renamed(tmp_path: Path, capture_ram: str) -> None:
+    """The tap learns that an ``unknown`` channel is postcopy-preempt after its first chunk: its
+    files get the new kind's name, after the bytes already queued for the old one."""
+    sink, _, loop = make_sink(tmp_path, capture_ram=capture_ram)
+    main, pre = channel(0), channel(1, ChannelKind.UNKNOWN)
+    for ch in (main, pre):
+        sink.on_channel(ch)
+    wait_idle(sink, loop)
+    gate = threading.Event()
+
+    def gated(fd: int, data: bytes) -> None:
+        gate.wait(5)
+        write_all(fd, data)
+
+    sink.writer._write = gated  # appends stay queued: the rename must come after them
+    first, later, ret1, ret2 = os.urandom(3000), os.urandom(5000), b"r" * 100, b"s" * 50
+    sink.on_chunk(pre, S2D, 0, first)
+    sink.on_chunk(pre, D2S, 0, ret1)
+    pre.kind = ChannelKind.POSTCOPY_PREEMPT
+    sink.on_channel_changed(pre)
+    sink.on_chunk(pre, S2D, 3000, later)
+    sink.on_chunk(pre, D2S, 100, ret2)
+    pre.bytes_src_to_dst, pre.bytes_dst_to_src = 8000, 150
+    gate.set()
+    sink.on_channel_closed(pre)
+    close(sink, summary([main, pre]), loop)
+    d = sink.directory
+    names = ["conn-1-postcopy_preempt.dst-to-src.bin"]
+    if capture_ram == "full":
+        names.append("conn-1-postcopy_preempt.src-to-dst.bin")
+    assert sorted(p.name for p in d.glob("conn-*")) == names
+    assert (d / "conn-1-postcopy_preempt.dst-to-src.bin").read_bytes() == ret1 + ret2
+    doc = json.loads((d / "session.json").read_text())
+    ch = doc["channels"][1]
+    assert ch["kind"] == "postcopy-preempt"
+    assert ch["files"]["dst-to-src"]["file"] == "conn-1-postcopy_preempt.dst-to-src.bin"
+    assert ch["files"]["dst-to-src"]["bytes_written"] == 150
+    if capture_ram == "full":
+        assert (d / "conn-1-postcopy_preempt.src-to-dst.bin").read_bytes() == first + later
+        assert ch["files"]["src-to-dst"]["file"] == "conn-1-postcopy_preempt.src-to-dst.bin"
+        assert ch["files"]["src-to-dst"]["bytes_written"] == 8000
+    else:  # neither main nor multifd: its RAM pages are left out, as before
+        assert ch["files"]["src-to-dst"]["file"] is None
+        assert ch["files"]["src-to-dst"]["content"] == "omitted"
+    assert sink.complete
+
+
+# -- the stream's page size ------------------------------------------------------------------------
+
+
+def test_capture_ram_none_multifd_16k_pages(tmp_path: Path) -> None:
+    """A 16 KiB-page stream (target page bits 14) captured by a tap configured for 4 KiB: the
+    multifd RAM header size follows the stream's page size, as the model learns it from the
+    main channel's configuration, so exactly the payloads are cut."""
+    page = 16384
+    mstream = (
+        mfd_init(channel_id=0)
+        + mfd_packet(normal=3, zero=1, packet_num=1, page_size=page)
+        + mfd_sync(packet_num=2, page_size=page)
+        + mfd_packet(normal=2, packet_num=3, page_size=page, ramblock="pc.bios")
+    )
+    sink, _, _ = make_sink(tmp_path, capture_ram="none", page_size=4096)
+    main, mf = channel(0), channel(1, ChannelKind.MULTIFD)
+    for ch in (main, mf):
+        sink.on_channel(ch)
+    config = ev.Configuration(8, "pc-q35-9.2", target_page_bits=14)
+    sink.migration.apply(main, S2D, config, time.time())  # as the tap does, before observers
+    sink.on_event(main, S2D, config)
+    assert sink.migration.page_size == page
+    events = feed_parsed(sink, mf, mstream, 7000, MultifdParser(page_size=page))
+    sink.on_channel_closed(mf)
+    close(sink, summary([main, mf]))
+    hdr = 320 + 8 * (512 * 1024 // page)
+    cuts = [
+        (e.offset + hdr, e.offset + hdr + e.payload_bytes)
+        for e in events
+        if isinstance(e, ev.MultifdPacket)
+    ]
+    out = (sink.directory / "conn-1-multifd.src-to-dst.bin").read_bytes()
+    assert out == expected_without(mstream, cuts)
+    assert len(out) == len(mstream) - 5 * page
+    doc = json.loads((sink.directory / "session.json").read_text())
+    files = doc["channels"][1]["files"]
+    assert files["src-to-dst"]["left_out_reason"] is None
+    assert files["src-to-dst"]["bytes_removed"] == 5 * page
+    assert doc["page_size"] == page
+    assert sink.complete
