@@ -1,6 +1,6 @@
 """Fuzz every sans-IO parser for a bounded time: only events or the parser's own StreamError.
 
-Mutates real QEMU 7.2 stream slices (tests.fixtures) and synthetic streams
+Mutates real QEMU 7.2 stream slices (tests/data/qemu-7.2) and synthetic streams
 from tests/streams.py (byte flips, inserts, deletes, splices, truncations), feeds each result in
 random chunk sizes to the main-stream, multifd, return-path and postcopy-preempt parsers and
 to the device-state decoder, and fails on any other exception or on a parser buffer above its

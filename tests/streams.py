@@ -1,7 +1,7 @@
 """Test-only encoder of QEMU migration main-channel streams (the parser's mirror image).
 
 Each function returns the bytes of one record or record part, laid out as in
-``shared/reference/migration-stream.md`` §2, §3 and §7. ``sample_stream()`` puts them together.
+``docs/stream-format.md`` §2, §3 and §7. ``sample_stream()`` puts them together.
 """
 
 from __future__ import annotations
