@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from structlog.testing import capture_logs
@@ -19,8 +19,6 @@ from tests.relay.netutil import fake_destination, read_all, sink_handler
 from tests.streams import sample_stream
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     import pytest
 
 
@@ -52,7 +50,7 @@ async def test_a_slow_capture_never_stalls_another_session(
     gate = threading.Event()
 
     def gated_write(fd: int, data: bytes) -> None:
-        if "-s1" in os.readlink(f"/proc/self/fd/{fd}"):
+        if "-s1" in str(Path(f"/proc/self/fd/{fd}").readlink()):
             gate.wait(20)
         write_all(fd, data)
 
@@ -80,11 +78,16 @@ async def test_a_slow_capture_never_stalls_another_session(
                     await asyncio.sleep(0.01)
     finally:
         gate.set()
-    (s1,) = tmp_path.glob("*-s1")
-    doc = json.loads((s1 / "session.json").read_text())
+    doc, main = read_capture(tmp_path, "*-s1")
     assert doc["complete"] is True
     assert doc["closed"] is True
-    assert (s1 / "src-to-dst.bin").read_bytes() == first
+    assert main == first
+
+
+def read_capture(root: Path, pattern: str) -> tuple[dict[str, object], bytes]:
+    (directory,) = root.glob(pattern)
+    doc = json.loads((directory / "session.json").read_text())
+    return doc, (directory / "src-to-dst.bin").read_bytes()
 
 
 async def test_a_tap_that_fails_to_close_still_ends_the_session(
