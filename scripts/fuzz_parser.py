@@ -18,6 +18,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -27,12 +28,14 @@ from migtap.annotate.walk import decode_section  # noqa: E402
 from migtap.errors import StreamError  # noqa: E402
 from migtap.wire.events import RamBlock  # noqa: E402
 from migtap.wire.multifd import MultifdParser  # noqa: E402
-from migtap.wire.parser import Parser  # noqa: E402
 from migtap.wire.preempt import PreemptParser, looks_like_preempt  # noqa: E402
 from migtap.wire.return_path import ReturnPathParser  # noqa: E402
 from migtap.wire.stream import StreamParser  # noqa: E402
 from tests.fixtures import fixture  # noqa: E402
 from tests.streams import eos, page, sample_stream, zero  # noqa: E402
+
+if TYPE_CHECKING:
+    from migtap.wire.parser import Parser
 
 MAX_BUFFERED = 32 * 1024 * 1024  # far above every cap; a parser keeping more is a bug
 

@@ -6,15 +6,12 @@ Sources: ``migration/savevm.h`` and ``savevm.c`` (record types, commands), ``mig
 
 from __future__ import annotations
 
-from enum import IntEnum, IntFlag
+from enum import IntEnum
 from typing import Final
 
 QEMU_VM_FILE_MAGIC: Final = 0x5145564D  # "QEVM"
 QEMU_VM_FILE_VERSION: Final = 0x00000003
 QEMU_VM_FILE_VERSION_COMPAT: Final = 0x00000002  # rejected by QEMU as obsolete
-
-#: PING value QEMU 10.2+ sends at the end of a PACKAGED blob.
-QEMU_VM_PING_PACKAGED_LOADED: Final = 0x42
 
 #: ``7E`` + be32 section id.
 SECTION_FOOTER_SIZE: Final = 5
@@ -41,31 +38,16 @@ class SectionType(IntEnum):
     QEMU_VM_SECTION_FOOTER = 0x7E
 
 
-class RamFlag(IntFlag):
-    """Low bits of a RAM record header (``RAM_SAVE_FLAG_*``)."""
-
-    RAM_SAVE_FLAG_FULL = 0x001  # obsolete since 2009, never sent
-    RAM_SAVE_FLAG_ZERO = 0x002
-    RAM_SAVE_FLAG_MEM_SIZE = 0x004
-    RAM_SAVE_FLAG_PAGE = 0x008
-    RAM_SAVE_FLAG_EOS = 0x010
-    RAM_SAVE_FLAG_CONTINUE = 0x020
-    RAM_SAVE_FLAG_XBZRLE = 0x040
-    RAM_SAVE_FLAG_HOOK = 0x080  # RDMA only
-    RAM_SAVE_FLAG_COMPRESS_PAGE = 0x100  # 7.2 .. 9.0
-    RAM_SAVE_FLAG_MULTIFD_FLUSH = 0x200  # 8.1+
-
-
-# Plain ints for the hot loop (IntFlag arithmetic is slow).
+# Low bits of a RAM record header (``RAM_SAVE_FLAG_*``; ``FULL``, 0x001, unused since 2009).
 RAM_SAVE_FLAG_ZERO: Final = 0x002
 RAM_SAVE_FLAG_MEM_SIZE: Final = 0x004
 RAM_SAVE_FLAG_PAGE: Final = 0x008
 RAM_SAVE_FLAG_EOS: Final = 0x010
 RAM_SAVE_FLAG_CONTINUE: Final = 0x020
 RAM_SAVE_FLAG_XBZRLE: Final = 0x040
-RAM_SAVE_FLAG_HOOK: Final = 0x080
-RAM_SAVE_FLAG_COMPRESS_PAGE: Final = 0x100
-RAM_SAVE_FLAG_MULTIFD_FLUSH: Final = 0x200
+RAM_SAVE_FLAG_HOOK: Final = 0x080  # RDMA only
+RAM_SAVE_FLAG_COMPRESS_PAGE: Final = 0x100  # 7.2 .. 9.0
+RAM_SAVE_FLAG_MULTIFD_FLUSH: Final = 0x200  # 8.1+
 
 #: The RAM handler's registration (``ram_mig_init``): idstr "ram", version 4.
 RAM_IDSTR: Final = "ram"

@@ -42,11 +42,6 @@ class FramedParser(Generic[StateT]):
     def state(self) -> str:
         return str(self._state.value)
 
-    @property
-    def events_before_error(self) -> list[Event]:
-        """Deprecated: the ``events`` of the ``StreamError`` that stopped the parser."""
-        return [] if self._error is None else list(self._error.events)
-
     def feed(self, data: Buffer) -> list[Event]:
         self._check_usable()
         view = memoryview(data).cast("B")

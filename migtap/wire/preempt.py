@@ -99,11 +99,6 @@ class PreemptParser:
     def ram_stats(self) -> RamStats:
         return self._ram.stats
 
-    @property
-    def events_before_error(self) -> list[Event]:
-        """Deprecated: the ``events`` of the ``StreamError`` that stopped the parser."""
-        return [] if self._error is None else list(self._error.events)
-
     def feed(self, data: BufferLike) -> list[Event]:
         self._check_usable()
         out: list[Event] = []

@@ -11,7 +11,10 @@ that same call produced before the damage. After that the parser stays failed: e
 ``feed`` or ``feed_eof`` raises. Anything but a ``StreamError`` escaping is a parser bug.
 
 See ``docs/stream-format.md`` §2 (records), §3 (RAM), §7 (commands), §9 (inference), and QEMU's
-``migration/savevm.c``. RAM records are read by ``migtap.wire.ram``.
+``migration/savevm.c``. This module dispatches records; RAM records are read by
+``migtap.wire.ram``, commands and PACKAGED blobs by ``migtap.wire.commands``, the end of a
+section without length is found by ``migtap.wire.footer``, the VMDESCRIPTION is collected by
+``migtap.wire.vmdesc``.
 """
 
 from __future__ import annotations
@@ -23,14 +26,12 @@ from typing import TYPE_CHECKING, Final, Literal, NoReturn
 from typing_extensions import Buffer as BufferLike
 
 from migtap.errors import StreamError, TruncatedStream, UnsupportedStream
-from migtap.wire.buffer import Buffer, LimitCrossed, NeedData, be32_from
+from migtap.wire.buffer import Buffer, LimitCrossed, NeedData
+from migtap.wire.commands import Blobs, ascii_field, decode_command, read_command
 from migtap.wire.constants import (
     CONFIG_CAPABILITIES,
     CONFIG_TARGET_PAGE_BITS,
     CONFIG_UUID,
-    MAX_DISCARDS_PER_COMMAND,
-    MIG_CMD_LEN,
-    MIG_CMD_MAX,
     QEMU_VM_FILE_MAGIC,
     QEMU_VM_FILE_VERSION,
     QEMU_VM_FILE_VERSION_COMPAT,
@@ -44,35 +45,29 @@ from migtap.wire.constants import (
     SectionType,
 )
 from migtap.wire.events import (
-    Command,
     Configuration,
     DeviceState,
     EndOfState,
     Event,
-    Packaged,
     PackagedEnd,
-    Ping,
     PostcopyAdvise,
-    PostcopyRamDiscard,
     RamBlock,
     RamBlockList,
     RamEndOfSection,
-    RecvBitmapRequest,
     SectionFooter,
     SectionHeader,
     StreamHeader,
     Unparsed,
-    VmDescription,
 )
+from migtap.wire.footer import find_footer, printable
 from migtap.wire.ram import RamFormatError, RamReader, RamStats
+from migtap.wire.vmdesc import VmdescCollector
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
 #: Largest FULL (device) section payload kept while looking for its footer.
 MAX_DEVICE_SECTION: Final = 16 << 20
-#: Largest VMDESCRIPTION JSON accepted.
-MAX_VMDESC: Final = 64 << 20
 #: Largest machine-type name in the configuration record.
 MAX_MACHINE_TYPE: Final = 1024
 #: Most capabilities in the configuration's capabilities subsection.
@@ -81,10 +76,6 @@ MAX_CAPABILITIES: Final = 256
 MAX_RAM_BLOCKS: Final = 65536
 #: Largest unconsumed tail kept between feeds (a COMMAND payload is at most 65535 bytes).
 MAX_PENDING: Final = 1 << 17
-#: Most nested PACKAGED blobs.
-MAX_PACKAGED_DEPTH: Final = 4
-#: Section version ids above this make a guessed record header implausible.
-_MAX_PLAUSIBLE_VERSION: Final = 0x10000
 
 _SECTION_WITH_HEADER: Final = (SectionType.QEMU_VM_SECTION_START, SectionType.QEMU_VM_SECTION_FULL)
 
@@ -135,17 +126,6 @@ class _Section:
         self.version_id = version_id
 
 
-def _ascii(raw: bytes, what: str, offset: int, state: str) -> str:
-    try:
-        return raw.decode("ascii")
-    except UnicodeDecodeError as exc:
-        raise StreamError(f"{what} {raw[:40]!r} is not ASCII", offset=offset, state=state) from exc
-
-
-def _printable(raw: bytes | bytearray | memoryview) -> bool:
-    return all(0x20 <= c < 0x7F for c in raw)
-
-
 class StreamParser:
     """Incremental parser of one main-channel stream (see the module docstring).
 
@@ -174,7 +154,7 @@ class StreamParser:
         self._footers = footers
         self._sections: dict[int, _Section] = {}
         self._ram_section_id: int | None = None
-        self._blobs: list[int] = []  # absolute end offsets of open PACKAGED blobs
+        self._blobs = Blobs()  # the open PACKAGED blobs
         self._eof = False
         self._ended_inside = False  # the stream ended inside a section without length
         self._error: StreamError | None = None
@@ -191,8 +171,7 @@ class StreamParser:
         #: The last complete MEM_SIZE block list (the postcopy-preempt channel refers to it).
         self.ram_blocks: tuple[RamBlock, ...] = ()
         self._config: dict[str, object] = {}
-        self._vmdesc = bytearray()
-        self._vmdesc_left = 0
+        self._vmdesc = VmdescCollector()
         self._postcopy_hugepages = False
         self._ignore_shared = False
         self._handlers: dict[State, Callable[[list[Event]], bool]] = {
@@ -208,14 +187,6 @@ class StreamParser:
             State.VMDESC: self._st_vmdesc,
             State.DONE: self._st_done,
             State.OPAQUE: self._st_opaque,
-        }
-        self._next_checks: dict[int, Callable[[bytes | bytearray, int, int], bool]] = {
-            SectionType.QEMU_VM_SECTION_START: self._next_full,
-            SectionType.QEMU_VM_SECTION_FULL: self._next_full,
-            SectionType.QEMU_VM_SECTION_PART: self._next_part,
-            SectionType.QEMU_VM_SECTION_END: self._next_part,
-            SectionType.QEMU_VM_COMMAND: self._next_command,
-            SectionType.QEMU_VM_EOF: self._next_eof,
         }
 
     # -- public API ---------------------------------------------------------------------------
@@ -244,11 +215,6 @@ class StreamParser:
     def error(self) -> StreamError | None:
         """The ``StreamError`` that stopped the parser, if one did."""
         return self._error
-
-    @property
-    def events_before_error(self) -> list[Event]:
-        """Deprecated: the ``events`` of the ``StreamError`` that stopped the parser."""
-        return [] if self._error is None else list(self._error.events)
 
     def feed(self, data: BufferLike) -> list[Event]:
         """Parse the next bytes of the stream; return the events they complete."""
@@ -374,7 +340,7 @@ class StreamParser:
         else:
             what = f"inside a record ({b.available} bytes of it received)"
         if self._blobs:
-            what += f", inside a PACKAGED blob ({self._blobs[-1] - b.offset} bytes missing)"
+            what += f", inside a PACKAGED blob ({self._blobs.ends[-1] - b.offset} bytes missing)"
         err = TruncatedStream(
             f"stream ended {what}",
             offset=b.offset,
@@ -427,8 +393,8 @@ class StreamParser:
         if n > MAX_MACHINE_TYPE:
             self._err(f"machine type name of {n} bytes (at most {MAX_MACHINE_TYPE})")
         raw = b.take(n)
-        name = _ascii(raw, "machine type", self._rec_offset + 5, "configuration")
-        if not _printable(raw):
+        name = ascii_field(raw, "machine type", self._rec_offset + 5, "configuration")
+        if not printable(raw):
             self._err(f"machine type {raw[:40]!r} is not printable")
         self._config = {"offset": self._rec_offset, "machine_type": name}
         self._state = State.CONFIG_SUBSECTIONS
@@ -453,7 +419,7 @@ class StreamParser:
         b.u8()
         raw = b.cstr()
         b.be32()  # subsection version_id (1 for all three)
-        name = _ascii(raw, "configuration subsection", sub_offset, "configuration")
+        name = ascii_field(raw, "configuration subsection", sub_offset, "configuration")
         if name == CONFIG_TARGET_PAGE_BITS:
             bits = b.be32()
             if not 10 <= bits <= 30:
@@ -465,7 +431,8 @@ class StreamParser:
             if count > MAX_CAPABILITIES:
                 self._err(f"{count} capabilities (at most {MAX_CAPABILITIES})", offset=sub_offset)
             caps = tuple(
-                _ascii(b.cstr(), "capability", sub_offset, "configuration") for _ in range(count)
+                ascii_field(b.cstr(), "capability", sub_offset, "configuration")
+                for _ in range(count)
             )
             cfg["capabilities"] = caps
             self._ignore_shared = "x-ignore-shared" in caps
@@ -487,9 +454,7 @@ class StreamParser:
 
     def _st_records(self, out: list[Event]) -> bool:
         b = self._b
-        if self._blobs and b.offset >= self._blobs[-1]:
-            self._blobs.pop()
-            b.set_limit(self._blobs[-1] if self._blobs else None)
+        if self._blobs.close_ended(b):
             out.append(PackagedEnd(b.offset))
             return True
         self._rec_offset = off = b.offset
@@ -515,7 +480,7 @@ class StreamParser:
         raw = b.cstr()
         inst = b.be32()
         ver = b.be32()
-        if not raw or not _printable(raw):
+        if not raw or not printable(raw):
             self._err(
                 f"section idstr {raw[:40]!r} is empty or not printable", state="section header"
             )
@@ -579,84 +544,19 @@ class StreamParser:
         self._dev_offset = self._b.offset
         self._state = State.DEVICE
 
-    # -- commands -------------------------------------------------------------------------------
+    # -- commands (migtap.wire.commands) ------------------------------------------------------
     def _command(self, out: list[Event]) -> bool:
         b = self._b
         off = self._rec_offset
-        num = b.be16()
-        length = b.be16()
-        if num == 0:
-            self._err("MIG_CMD_INVALID (0)", state="command")
-        if num >= MIG_CMD_MAX:
-            raise UnsupportedStream(
-                f"unknown command {num} (length {length})", offset=off, state="command"
-            )
-        cmd = MigCmd(num)
-        want = MIG_CMD_LEN[cmd]
-        if want is not None and length != want:
-            self._err(f"{cmd.name} with payload length {length}, expected {want}", state="command")
-        payload = b.take(length)
-        out.append(self._decode_command(cmd, payload))
-        if cmd == MigCmd.MIG_CMD_PACKAGED:
-            self._open_blob(int.from_bytes(payload, "big"))
+        cmd, payload = read_command(b, off)
+        event = decode_command(cmd, payload, off, b.offset)
+        out.append(event)
+        if isinstance(event, PostcopyAdvise) and event.target_page_size is not None:
+            self._ram.page_size = event.target_page_size
+            self._postcopy_hugepages = True
+        elif cmd == MigCmd.MIG_CMD_PACKAGED:
+            self._blobs.open(b, int.from_bytes(payload, "big"), off)
         return True
-
-    def _decode_command(self, cmd: MigCmd, payload: bytes) -> Event:
-        off = self._rec_offset
-        if cmd == MigCmd.MIG_CMD_PING:
-            return Ping(off, int.from_bytes(payload, "big"))
-        if cmd == MigCmd.MIG_CMD_POSTCOPY_ADVISE:
-            return self._decode_advise(payload)
-        if cmd == MigCmd.MIG_CMD_POSTCOPY_RAM_DISCARD:
-            return self._decode_discard(payload)
-        if cmd == MigCmd.MIG_CMD_RECV_BITMAP:
-            if not payload or payload[0] != len(payload) - 1:
-                self._err("RECV_BITMAP payload is not one counted string", state="command")
-            return RecvBitmapRequest(off, _ascii(payload[1:], "block", off + 5, "command"))
-        if cmd == MigCmd.MIG_CMD_PACKAGED:
-            return Packaged(off, int.from_bytes(payload, "big"), self._b.offset)
-        return Command(off, cmd)
-
-    def _decode_advise(self, payload: bytes) -> Event:
-        off = self._rec_offset
-        if len(payload) == 0:
-            return PostcopyAdvise(off, None, None)
-        if len(payload) != 16:
-            self._err(
-                f"POSTCOPY_ADVISE payload of {len(payload)} bytes, expected 0 or 16",
-                state="command",
-            )
-        summary, tps = struct.unpack(">QQ", payload)
-        if tps < 1024 or tps & (tps - 1):
-            self._err(f"POSTCOPY_ADVISE target page size {tps} is invalid", state="command")
-        self._ram.page_size = tps
-        self._postcopy_hugepages = True
-        return PostcopyAdvise(off, summary, tps)
-
-    def _decode_discard(self, payload: bytes) -> Event:
-        off = self._rec_offset
-        if len(payload) < 3 or payload[0] != 0:
-            self._err("POSTCOPY_RAM_DISCARD: short payload or version != 0", state="command")
-        n = payload[1]
-        rest = payload[2 + n :]
-        if len(payload) < 3 + n or rest[0] != 0 or (len(rest) - 1) % 16:
-            self._err("POSTCOPY_RAM_DISCARD: malformed block name or range list", state="command")
-        count = (len(rest) - 1) // 16
-        if count > MAX_DISCARDS_PER_COMMAND:
-            self._err(f"POSTCOPY_RAM_DISCARD with {count} ranges (at most 12)", state="command")
-        ranges = tuple(struct.unpack_from(">QQ", rest, 1 + 16 * i) for i in range(count))
-        block = _ascii(payload[2 : 2 + n], "block", off + 7, "command")
-        return PostcopyRamDiscard(off, block, ranges)
-
-    def _open_blob(self, length: int) -> None:
-        b = self._b
-        end = b.offset + length
-        if len(self._blobs) >= MAX_PACKAGED_DEPTH:
-            self._err("PACKAGED blobs nested too deep", state="command")
-        if self._blobs and end > self._blobs[-1]:
-            self._err("nested PACKAGED blob runs past its parent", state="command")
-        self._blobs.append(end)
-        b.set_limit(end)
 
     # -- RAM --------------------------------------------------------------------------------------
     def _st_ram(self, out: list[Event]) -> bool:
@@ -690,7 +590,7 @@ class StreamParser:
             page_size = self._peek_block_page_size(self._mem_sum + length < self._mem_total)
         if self._ignore_shared:
             addr = b.be64()
-        if not raw or not _printable(raw):
+        if not raw or not printable(raw):
             self._err(f"RAM block name {raw[:40]!r} is empty or not printable", offset=at)
         if raw in self._ram.blocks:
             self._err(f"RAM block {raw!r} listed twice", offset=at)
@@ -752,17 +652,13 @@ class StreamParser:
         buf = b.searchable()
         start, end = b.pos, b.end
         final = (self._eof and end == len(b.src)) or b.at_limit()
-        pattern = bytes([SectionType.QEMU_VM_SECTION_FOOTER]) + self._cur_id.to_bytes(4, "big")
-        i = start
-        while (k := buf.find(pattern, i, end)) >= 0:
-            verdict = self._plausible_next(buf, k + SECTION_FOOTER_SIZE, end, final)
-            if verdict is None:
-                self._device_keep(buf, start, k, out)
-                return self._state is not State.DEVICE  # cap hit: carry on in the new state
-            if verdict:
-                self._device_done(buf, start, k, out)
-                return True
-            i = k + 1
+        k, verdict = find_footer(buf, start, end, self._cur_id, self._sections, final=final)
+        if verdict:
+            self._device_done(buf, start, k, out)
+            return True
+        if verdict is None:
+            self._device_keep(buf, start, k, out)
+            return self._state is not State.DEVICE  # cap hit: carry on in the new state
         if final:
             self._device_keep(buf, start, end, out)
             if self._state is State.DEVICE:
@@ -812,81 +708,26 @@ class StreamParser:
         self._dev.clear()
         out.append(Unparsed(offset, reason))
         if self._blobs:  # the blob's end is known: resume after it
-            rest = self._blobs[-1] - b.offset
+            rest = self._blobs.ends[-1] - b.offset
             self._ram.skip = rest - b.skip(rest)  # the generic "skip n bytes" of _run
             self._state = State.RECORDS
         else:
             b.pos = b.end
             self._state = State.OPAQUE
 
-    def _plausible_next(self, buf: bytes | bytearray, j: int, end: int, final: bool) -> bool | None:
-        """Does a valid record start at ``buf[j]``? None: can't tell yet (need more bytes)."""
-        if j >= end:
-            return True if final else None
-        check = self._next_checks.get(buf[j])
-        if check is None:
-            return False
-        try:
-            return check(buf, j, end)
-        except _Short:
-            return False if final else None
-
-    def _next_full(self, buf: bytes | bytearray, j: int, end: int) -> bool:
-        _have(j + 6, end)
-        n = buf[j + 5]
-        _have(j + 6 + n + 8, end)
-        (ver,) = be32_from(buf, j + 6 + n + 4)
-        return n > 0 and _printable(buf[j + 6 : j + 6 + n]) and ver < _MAX_PLAUSIBLE_VERSION
-
-    def _next_part(self, buf: bytes | bytearray, j: int, end: int) -> bool:
-        _have(j + 5, end)
-        (sid,) = be32_from(buf, j + 1)
-        return sid in self._sections
-
-    def _next_command(self, buf: bytes | bytearray, j: int, end: int) -> bool:
-        _have(j + 5, end)
-        num, length = struct.unpack_from(">HH", buf, j + 1)
-        if not 0 < num < MIG_CMD_MAX:
-            return False
-        want = MIG_CMD_LEN[MigCmd(num)]
-        return want is None or want == length
-
-    def _next_eof(self, buf: bytes | bytearray, j: int, end: int) -> bool:
-        _have(j + 2, end)  # at the very end: accepted by the caller's ``final``
-        if buf[j + 1] != SectionType.QEMU_VM_VMDESCRIPTION:
-            return False
-        _have(j + 7, end)
-        return buf[j + 6] == ord("{")
-
-    # -- after EOF ------------------------------------------------------------------------------
+    # -- after EOF (migtap.wire.vmdesc) ----------------------------------------------------------
     def _st_after_eof(self, out: list[Event]) -> bool:
         del out
-        b = self._b
-        self._rec_offset = b.offset
-        t = b.u8()
-        if t != SectionType.QEMU_VM_VMDESCRIPTION:
-            self._err(
-                f"expected QEMU_VM_VMDESCRIPTION (0x06) or the end after QEMU_VM_EOF, got {t:#04x}"
-            )
-        n = b.be32()
-        if n > MAX_VMDESC:
-            self._err(f"VMDESCRIPTION of {n} bytes (at most {MAX_VMDESC})")
-        self._vmdesc.clear()
-        self._vmdesc_left = n
+        self._rec_offset = self._b.offset
+        self._vmdesc.start(self._b)
         self._state = State.VMDESC
         return True
 
     def _st_vmdesc(self, out: list[Event]) -> bool:
-        b = self._b
-        k = min(self._vmdesc_left, b.available)
-        self._vmdesc += b.src[b.pos : b.pos + k]
-        b.pos += k
-        self._vmdesc_left -= k
-        if self._vmdesc_left:
+        event = self._vmdesc.take(self._b)
+        if event is None:
             return False
-        text = bytes(self._vmdesc)
-        self._vmdesc.clear()
-        out.append(VmDescription(self._rec_offset, text))
+        out.append(event)
         self._state = State.DONE
         return True
 
@@ -901,12 +742,3 @@ class StreamParser:
         b = self._b
         b.pos = b.end
         return False
-
-
-class _Short(Exception):  # the bytes to decide have not arrived
-    pass
-
-
-def _have(n: int, end: int) -> None:
-    if n > end:
-        raise _Short

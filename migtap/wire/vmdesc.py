@@ -1,8 +1,10 @@
-"""The VMDESCRIPTION JSON, parsed outside the parser.
+"""The VMDESCRIPTION record: collected by the parser, its JSON parsed outside it.
 
-``StreamParser`` only collects the JSON text (``VmDescription.json_bytes``, up to 64 MiB): parsing
-it inside ``feed`` would stall the caller (the event loop, live). :func:`parse_vmdesc` is the pure
-function that does it, for a caller to run where it likes (a worker thread, live). See
+After ``QEMU_VM_EOF`` the source may send ``0x06``, a be32 length and that much JSON.
+``StreamParser`` only collects the text (:class:`VmdescCollector`, into
+``VmDescription.json_bytes``, up to 64 MiB): parsing it inside ``feed`` would stall the caller
+(the event loop, live). :func:`parse_vmdesc` is the pure function that does it, for a caller to
+run where it likes (a worker thread, live). See
 ``docs/stream-format.md`` §2.10 and §4, and QEMU's ``migration/savevm.c``
 (``qemu_savevm_state_complete_precopy_non_iterable``).
 """
@@ -11,12 +13,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from migtap.errors import StreamError
+from migtap.wire.constants import SectionType
+from migtap.wire.events import VmDescription
 
 if TYPE_CHECKING:
-    from migtap.wire.events import VmDescription
+    from migtap.wire.buffer import Buffer
+
+#: Largest VMDESCRIPTION JSON accepted.
+MAX_VMDESC: Final = 64 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,3 +54,50 @@ def parse_vmdesc(event: VmDescription) -> VmdescDocument:
     ps = desc.get("page_size")
     page_size = ps if isinstance(ps, int) and not isinstance(ps, bool) else None
     return VmdescDocument(event.offset, desc, page_size)
+
+
+class VmdescCollector:
+    """Reads the VMDESCRIPTION record: ``start`` on its header, then ``take`` until it returns
+    the event. Keeps the JSON bytes (the one record the parser buffers whole, capped)."""
+
+    __slots__ = ("_buf", "_left", "_offset")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._left = 0
+        self._offset = 0
+
+    def __len__(self) -> int:
+        """Bytes held."""
+        return len(self._buf)
+
+    def start(self, b: Buffer) -> None:
+        """Read the record header (type byte, be32 length) at ``b``; raises ``NeedData`` when
+        short and ``StreamError`` when it is not a VMDESCRIPTION or too long."""
+        self._offset = at = b.offset
+        t = b.u8()
+        if t != SectionType.QEMU_VM_VMDESCRIPTION:
+            raise StreamError(
+                f"expected QEMU_VM_VMDESCRIPTION (0x06) or the end after QEMU_VM_EOF, got {t:#04x}",
+                offset=at,
+                state="after_eof",
+            )
+        n = b.be32()
+        if n > MAX_VMDESC:
+            raise StreamError(
+                f"VMDESCRIPTION of {n} bytes (at most {MAX_VMDESC})", offset=at, state="after_eof"
+            )
+        self._buf.clear()
+        self._left = n
+
+    def take(self, b: Buffer) -> VmDescription | None:
+        """Take JSON bytes from ``b``; the event once all of them have arrived."""
+        k = min(self._left, b.available)
+        self._buf += b.src[b.pos : b.pos + k]
+        b.pos += k
+        self._left -= k
+        if self._left:
+            return None
+        text = bytes(self._buf)
+        self._buf.clear()
+        return VmDescription(self._offset, text)

@@ -65,7 +65,6 @@ def test_events_before_error_are_kept() -> None:
         parser.feed(bad)
     assert info.value.offset == len(bad) - 1
     assert [type(e).__name__ for e in info.value.events] == ["StreamHeader", "Ping"]
-    assert parser.events_before_error == list(info.value.events)  # the deprecated alias
     assert "unknown record type 0x42" in str(info.value)
 
 
