@@ -317,7 +317,10 @@ class Migration:
 
     # -- inputs --------------------------------------------------------------------------------
     def add_channel(self, channel: ChannelInfo) -> None:
+        """Channels are kept in acceptance order (their index), whatever order their first bytes
+        told their kind in (a multifd channel may speak before its main channel)."""
         self.channels.append(channel)
+        self.channels.sort(key=lambda c: c.index)
 
     def sample(self, now: float) -> None:
         """Transfer rates since the previous sample (the tap calls this once per interval)."""

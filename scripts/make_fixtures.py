@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import hashlib
 import json
-import re
 import subprocess
 import sys
 import tempfile
@@ -51,8 +50,11 @@ from tests.qemu.harness import (  # noqa: E402
     MiB,
     Pair,
     Vm,
+    floppy,
+    guest_args,
     qemu_binary,
     vm_pair,
+    wait_booted,
     wait_migration,
 )
 from tests.qemu.test_parse_real_streams import (  # noqa: E402
@@ -75,50 +77,6 @@ FOOTER = 5  # 0x7E, be32 section id
 # MultiFDPacket_t in 7.2: magic, version, flags, pages_alloc, normal_pages, next_packet_size (be32
 # each), packet_num (be64), 4 unused be64, ramblock[256]; then pages_alloc be64 page offsets.
 MULTIFD_PACKET_HEAD = 6 * 4 + 8 + 4 * 8 + 256
-# The boot sector (16-bit real mode, loaded at 0:7C00):
-#     cli; cld; xor ax,ax
-#  a: mov bx,0x1000
-#  b: mov es,bx; xor di,di
-#  c: mov cx,0x800; rep stosw                             ; one 4 KiB page of ax at bx:di
-#     mov edx,cr4; xor dl,0x10; mov cr4,edx               ; toggle CR4.PSE: TLB flush (below)
-#     test di,di; jnz c                                   ; the 16 pages of the segment
-#     add bx,0x1000; cmp bx,0x9000; jb b                  ; segments 0x1000..0x8000
-#     inc ax; jmp a                                       ; forever, a new value each pass
-# The TLB flush matters: QEMU 7.2 TCG does not flush the TLB when a migration bitmap sync
-# clears dirty bits, so a guest that keeps writing through the same TLB entries dirties pages
-# that migration never sees (the sync after it finds them clean, and guest RAM differs after
-# the migration). A flush after every page makes the next write go through the dirty check.
-BOOT_CODE = bytes.fromhex(
-    "fa fc 31c0 bb0010 8ec3 31ff b90008 f3ab 0f20e2 80f210 0f22e2 85ff 75ee"
-    " 81c30010 81fb0090 72e0 40 ebda".replace(" ", "")
-)
-BOOT_LOOP = range(0x7C00, 0x7C00 + len(BOOT_CODE))
-FLOPPY_BYTES = 1474560  # a 1.44 MB image, so that the drive's geometry is a standard one
-
-
-def floppy(workdir: Path) -> Path:
-    path = workdir / "boot.img"
-    sector = BOOT_CODE.ljust(510, b"\x00") + b"\x55\xaa"
-    path.write_bytes(sector.ljust(FLOPPY_BYTES, b"\x00"))
-    return path
-
-
-def guest_args(image: Path) -> list[str]:
-    return ["-drive", f"if=floppy,format=raw,readonly=on,file={image}", "-boot", "a"]
-
-
-async def wait_booted(vm: Vm, timeout_s: float = 30) -> None:
-    """Wait until the guest runs the boot sector's loop (HMP ``info registers``)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        regs = await vm.hmp("info registers")
-        eip = re.search(r"EIP=([0-9a-f]{8})", regs)
-        cs = re.search(r"CS =([0-9a-f]{4})", regs)
-        if eip and cs and int(cs.group(1), 16) == 0 and int(eip.group(1), 16) in BOOT_LOOP:
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{vm.name}: the guest did not reach the boot sector: {regs}")
-        await asyncio.sleep(0.1)
 
 
 # -- slicing ----------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """A typed model of the VMDESCRIPTION JSON ("vmdesc") that QEMU sends after ``QEMU_VM_EOF``.
 
 The vmdesc describes *this* stream exactly: one device object per FULL section, in emission order,
-listing only the fields and subsections that were written (reference §4.2). A device is matched
+listing only the fields and subsections that were written (``docs/stream-format.md`` §4.2). A device is matched
 to its FULL section by ``(name == idstr, instance_id)``; the idstr on the wire already carries the
 qdev path (``"0000:00:01.3/piix4_pm"``), and so does the vmdesc ``name``.
 
@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 # Field types whose nested vmsd (vmsd_name/version/fields/subsections) is written straight into
-# the field object rather than under "struct" (reference §4.2).
+# the field object rather than under "struct" (``docs/stream-format.md`` §4.2).
 NESTED_INLINE_TYPES = frozenset({"tmp", "vstruct"})
 # Repeated-element containers: their keys repeat (duplicate JSON keys), so they stay opaque.
 OPAQUE_LIST_TYPES = frozenset({"qtailq", "qlist", "gtree"})

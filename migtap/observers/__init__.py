@@ -44,7 +44,7 @@ def build_observers(
 ) -> list[Observer]:
     """The observers of one session, in close order (module docstring)."""
     capture: Observer | None = None
-    write_file: Callable[[str, bytes], None] | None = None
+    write_file: Callable[[str, Callable[[], bytes]], None] | None = None
     if capture_dir is not None:
         from migtap.observers.capture import CaptureObserver  # noqa: PLC0415 - only when capturing
 

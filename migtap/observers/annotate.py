@@ -32,7 +32,7 @@ NO_VMDESC_NOTE = "no vmdesc in the stream and none given with --vmdesc: fields n
 
 class AnnotateObserver(Observer):
     def __init__(
-        self, migration: Migration, *, write_file: Callable[[str, bytes], None] | None = None
+        self, migration: Migration, *, write_file: Callable[[str, Callable[[], bytes]], None] | None = None
     ) -> None:
         super().__init__(migration)
         self.log = log.bind(session=migration.session_id)
@@ -45,8 +45,13 @@ class AnnotateObserver(Observer):
 
     def close(self, summary: SessionSummary) -> None:
         if self.write_file is not None and self.records:
-            text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in self.records)
-            self.write_file("annotated.jsonl", text.encode())
+            records = list(self.records)
+
+            def render() -> bytes:  # on the capture's writer thread, not on the loop
+                text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
+                return text.encode()
+
+            self.write_file("annotated.jsonl", render)
 
     def _report(self, batch: DeviceBatch) -> None:
         if batch.vmdesc_error is not None:

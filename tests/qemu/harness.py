@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -362,3 +363,61 @@ def rich_devices(disk: Path, *, slirps: int = 2) -> list[str]:
 def make_qcow2(path: Path, size: str = "16M") -> Path:
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), size], check=True)
     return path
+
+
+# -- a guest that keeps dirtying its RAM ----------------------------------------------------
+# The boot sector (16-bit real mode, loaded at 0:7C00):
+#     cli; cld; xor ax,ax
+#  a: mov bx,0x1000
+#  b: mov es,bx; xor di,di
+#  c: mov cx,0x800; rep stosw                             ; one 4 KiB page of ax at bx:di
+#     mov edx,cr4; xor dl,0x10; mov cr4,edx               ; toggle CR4.PSE: TLB flush (below)
+#     test di,di; jnz c                                   ; the 16 pages of the segment
+#     add bx,0x1000; cmp bx,0x9000; jb b                  ; segments 0x1000..0x8000
+#     inc ax; jmp a                                       ; forever, a new value each pass
+# The TLB flush matters: QEMU 7.2 TCG does not flush the TLB when a migration bitmap sync
+# clears dirty bits, so a guest that keeps writing through the same TLB entries dirties pages
+# that migration never sees (the sync after it finds them clean, and guest RAM differs after
+# the migration). A flush after every page makes the next write go through the dirty check.
+BOOT_CODE = bytes.fromhex(
+    "fa fc 31c0 bb0010 8ec3 31ff b90008 f3ab 0f20e2 80f210 0f22e2 85ff 75ee"
+    " 81c30010 81fb0090 72e0 40 ebda".replace(" ", "")
+)
+# The same loop, rewriting only the first 64 bytes of each page (``mov cx,0x20`` and then
+# ``add di,0x0fc0`` to the next page): xbzrle then encodes each page as a small delta instead
+# of overflowing, as it does for pages rewritten whole.
+PARTIAL_BOOT_CODE = bytes.fromhex(
+    "fa fc 31c0 bb0010 8ec3 31ff b92000 f3ab 81c7c00f 0f20e2 80f210 0f22e2 85ff 75ea"
+    " 81c30010 81fb0090 72dc 40 ebd6".replace(" ", "")
+)
+BOOT_LOOP = range(0x7C00, 0x7C00 + max(len(BOOT_CODE), len(PARTIAL_BOOT_CODE)))
+FLOPPY_BYTES = 1474560  # a 1.44 MB image, so that the drive's geometry is a standard one
+
+
+def floppy(workdir: Path, *, partial: bool = False) -> Path:
+    """A 1.44 MB floppy image whose boot sector runs the loop above (``partial``: the one that
+    rewrites 64 bytes of each page)."""
+    path = workdir / "boot.img"
+    code = PARTIAL_BOOT_CODE if partial else BOOT_CODE
+    sector = code.ljust(510, b"\x00") + b"\x55\xaa"
+    path.write_bytes(sector.ljust(FLOPPY_BYTES, b"\x00"))
+    return path
+
+
+def guest_args(image: Path) -> list[str]:
+    """QEMU arguments that boot the guest from ``floppy()``'s image."""
+    return ["-drive", f"if=floppy,format=raw,readonly=on,file={image}", "-boot", "a"]
+
+
+async def wait_booted(vm: Vm, timeout_s: float = 30) -> None:
+    """Wait until the guest runs the boot sector's loop (HMP ``info registers``)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        regs = await vm.hmp("info registers")
+        eip = re.search(r"EIP=([0-9a-f]{8})", regs)
+        cs = re.search(r"CS =([0-9a-f]{4})", regs)
+        if eip and cs and int(cs.group(1), 16) == 0 and int(eip.group(1), 16) in BOOT_LOOP:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{vm.name}: the guest did not reach the boot sector: {regs}")
+        await asyncio.sleep(0.1)

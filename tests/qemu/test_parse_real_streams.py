@@ -38,6 +38,7 @@ from migtap.wire.constants import SectionType
 from migtap.wire.multifd import MultifdInit, MultifdPacket, MultifdParser
 from migtap.wire.return_path import ReturnPathParser, RpPong, RpShut
 from migtap.wire.stream import State, StreamParser
+from migtap.wire.vmdesc import parse_vmdesc
 from tests.qemu.harness import (
     MiB,
     Pair,
@@ -154,7 +155,7 @@ def check_precopy_stream(p: Parsed, machine_type: str) -> Desc:
     assert len(p.of(ev.EndOfState)) == 1
     (vmdesc,) = p.of(ev.VmDescription)
     desc = Desc.from_json(vmdesc.json_bytes)
-    assert vmdesc.page_size == PAGE
+    assert parse_vmdesc(vmdesc).page_size == PAGE
     assert p.events[-1] == vmdesc
 
     # The FULL sections are the vmdesc's devices, in the same order (the vmdesc lists what was

@@ -42,6 +42,7 @@ from tests.qemu.test_tap import (
     only,
     rich_q35_migration,
     tap_migration,
+    xbzrle_capture,
 )
 
 pytestmark = pytest.mark.qemu10
@@ -149,11 +150,12 @@ async def test_cross_version_pc_i440fx_7_2(
 
 @ONE_LOOP
 async def test_xbzrle_10_to_10(tmp_path: Path, make_relay: Any, qemu10: Qemu) -> None:
-    async with vm_pair(tmp_path, random_mib=8, src_qemu=qemu10, dst_qemu=qemu10) as pair:
-        info, logs = await migrate_through_relay(pair, make_relay, caps={"xbzrle": True})
+    info, logs, d = await xbzrle_capture(tmp_path, make_relay, qemu10)
     m = assert_pages_match(info, logs)
-    assert m["ram_xbzrle_pages"] <= info["xbzrle-cache"]["pages"]
+    assert 0 < m["ram_xbzrle_pages"] <= info["xbzrle-cache"]["pages"]
     assert m["source_qemu"] == "10.0 or newer"
+    doc = assert_offline_counts(d, info)  # offline: the same summary
+    assert doc["summary"]["ram_xbzrle_pages"] == m["ram_xbzrle_pages"]
 
 
 @ONE_LOOP

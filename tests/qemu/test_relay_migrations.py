@@ -116,12 +116,15 @@ async def test_multifd_4_channels(tmp_path: Path, make_relay: Any) -> None:
 
 @ONE_LOOP
 async def test_xbzrle(tmp_path: Path, make_relay: Any) -> None:
-    async with vm_pair(tmp_path, random_mib=8) as pair:
-        info, logs = await migrate_through_relay(pair, make_relay, caps={"xbzrle": True})
+    from tests.qemu.test_tap import assert_offline_counts, xbzrle_capture
+
+    info, logs, d = await xbzrle_capture(tmp_path, make_relay)
     assert "xbzrle-cache" in info
     m = assert_pages_match(info, logs)
     # QMP counts unchanged pages that xbzrle did not send at all; the wire shows only records.
-    assert m["ram_xbzrle_pages"] <= info["xbzrle-cache"]["pages"]
+    assert 0 < m["ram_xbzrle_pages"] <= info["xbzrle-cache"]["pages"]
+    doc = assert_offline_counts(d, info)  # offline: the same summary
+    assert doc["summary"]["ram_xbzrle_pages"] == m["ram_xbzrle_pages"]
 
 
 async def test_postcopy_return_path(tmp_path: Path, make_relay: Any) -> None:

@@ -16,12 +16,16 @@ from migtap.annotate.vmsd import VmDescription
 from migtap.tap import TapSettings
 from tests.qemu.harness import (
     HOST_QEMU,
+    MiB,
     Pair,
     Qemu,
     Vm,
+    floppy,
+    guest_args,
     make_qcow2,
     rich_devices,
     vm_pair,
+    wait_booted,
     wait_migration,
 )
 from tests.qemu.test_relay_migrations import assert_pages_match
@@ -85,13 +89,24 @@ def analyze(path: Path, *args: str) -> str:
 
 
 def assert_offline_counts(capture: Path, info: dict[str, Any]) -> dict[str, Any]:
-    """``migtap analyze DIR`` counts every channel's pages as QEMU did (``query-migrate``)."""
+    """``migtap analyze DIR`` counts every channel's pages as QEMU did (``query-migrate``),
+    and its summary is the live one (session.json's) on every key."""
     doc = json.loads(analyze(capture, "--json"))
     counts = doc["ram"]["all_channels"]
     assert counts["normal_pages"] == info["ram"]["normal"], doc["channels"]
     assert counts["zero_pages"] == info["ram"]["duplicate"], doc["channels"]
     assert all(c["error"] is None for c in doc["channels"])
+    assert_offline_summary_is_live(capture, doc)
     return doc
+
+
+def assert_offline_summary_is_live(capture: Path, doc: dict[str, Any]) -> None:
+    """Offline is the live pipeline: the same summary, key for key, timings and outcome too."""
+    live = json.loads((capture / "session.json").read_text())["summary"]
+    offline = doc["summary"]
+    assert set(offline) == set(live)
+    differ = {k: (live[k], offline[k]) for k in live if live[k] != offline[k]}
+    assert not differ, differ
 
 
 @ONE_LOOP
@@ -175,6 +190,41 @@ async def multifd_capture(
             caps={"multifd": True},
             params={"multifd_channels": 4},
         )
+        await pair.assert_ram_identical()
+    return info, logs, capture_dir(root)
+
+
+async def xbzrle_capture(
+    tmp_path: Path, make_relay: Any, qemu: Qemu = HOST_QEMU
+) -> tuple[dict[str, Any], list[dict[str, Any]], Path]:
+    """A guest rewriting 64 bytes of each page of 512 KiB in a loop (small xbzrle deltas),
+    migrated with xbzrle and captured: held at a 1 ms
+    downtime limit for 5 dirty syncs (xbzrle encodes a page from its third sending on), then
+    let converge. RAM checked. Returns query-migrate, the logs and the capture directory."""
+    root = tmp_path / "captures"
+    guest = guest_args(floppy(tmp_path, partial=True))
+    async with vm_pair(
+        tmp_path, random_mib=8, src_extra=guest, dst_extra=guest, src_qemu=qemu, dst_qemu=qemu
+    ) as pair:
+        await wait_booted(pair.src)
+        await pair.configure({"xbzrle": True}, {"downtime_limit": 1, "max_bandwidth": 64 * MiB})
+        with capture_logs() as logs:
+            async with make_relay(pair.dst_port, tap=TapSettings(capture_dir=root)) as relay:
+                await pair.src.cmd("migrate", uri=f"tcp:127.0.0.1:{relay.port}")
+                async with asyncio.timeout(60):
+                    while True:
+                        state = await pair.src.query_migrate()
+                        if state.get("ram", {}).get("dirty-sync-count", 0) >= 5:
+                            break
+                        assert state.get("status") in ("setup", "active"), state
+                        await asyncio.sleep(0.05)
+                await pair.src.set_parameters(downtime_limit=2000)
+                info = await wait_migration(pair.src, timeout_s=60)
+                assert info["status"] == "completed", info
+                await wait_migration(pair.dst, timeout_s=30, statuses={"completed"})
+                async with asyncio.timeout(15):
+                    while not relay.sessions_ended:
+                        await asyncio.sleep(0.02)
         await pair.assert_ram_identical()
     return info, logs, capture_dir(root)
 
