@@ -81,6 +81,7 @@ if TYPE_CHECKING:
 
 MiB: Final = 1024 * 1024
 _STOPPED_KINDS: Final = (SectionType.QEMU_VM_SECTION_END, SectionType.QEMU_VM_SECTION_FULL)
+_SETUP_PHASES: Final = (Phase.CONNECTING, Phase.SETUP)
 
 
 @dataclass(slots=True)
@@ -510,6 +511,10 @@ class Migration:
         )
         if event.kind in _STOPPED_KINDS and not self.in_packaged and self.stopped_at is None:
             if self.phase is Phase.POSTCOPY:
+                return
+            if event.kind is SectionType.QEMU_VM_SECTION_FULL and self.phase in _SETUP_PHASES:
+                # 8.0+: a device whose vmsd sets early_setup (virtio-mem) is saved whole in the
+                # setup phase (qemu_savevm_state_setup), while the VM runs.
                 return
             self.stopped_at = self.now
             self._set_phase(
