@@ -1,9 +1,9 @@
 """A typed model of the VMDESCRIPTION JSON ("vmdesc") that QEMU sends after ``QEMU_VM_EOF``.
 
 The vmdesc describes *this* stream exactly: one device object per FULL section, in emission order,
-listing only the fields and subsections that were written (``docs/stream-format.md`` §4.2). A device is matched
-to its FULL section by ``(name == idstr, instance_id)``; the idstr on the wire already carries the
-qdev path (``"0000:00:01.3/piix4_pm"``), and so does the vmdesc ``name``.
+listing only the fields and subsections that were written (``docs/stream-format.md`` §4.2). A
+device is matched to its FULL section by ``(name == idstr, instance_id)``; the idstr on the wire
+already carries the qdev path (``"0000:00:01.3/piix4_pm"``), and so does the vmdesc ``name``.
 
 Parsing is tolerant: unknown keys are kept in ``extra``; a missing ``size`` is allowed (the
 walker then derives it from the type or fails for that field only); the 8.2+ top-level

@@ -11,10 +11,10 @@ Anything that doesn't fit the description raises :class:`DecodeError` (a
 :class:`TruncatedPayload`, which is also a :class:`~migtap.errors.TruncatedStream`. No other
 exception escapes :func:`decode_section`.
 
-Wire encodings follow QEMU's ``vmstate-types.c`` (``docs/stream-format.md`` §4.3): integers are big-endian,
-unsigned unless the type name is signed (``int8``/``int16``/``int32``/``int64``, ``int32 equal``,
-``int32 le``, where "le" means less-or-equal, not little-endian). ``int64 equal`` is QEMU's
-``vmstate_info_uint64_equal`` despite its name and is read unsigned.
+Wire encodings follow QEMU's ``vmstate-types.c`` (``docs/stream-format.md`` §4.3): integers are
+big-endian, unsigned unless the type name is signed (``int8``/``int16``/``int32``/``int64``,
+``int32 equal``, ``int32 le``, where "le" means less-or-equal, not little-endian). ``int64 equal``
+is QEMU's ``vmstate_info_uint64_equal`` despite its name and is read unsigned.
 """
 
 from __future__ import annotations

@@ -32,7 +32,10 @@ NO_VMDESC_NOTE = "no vmdesc in the stream and none given with --vmdesc: fields n
 
 class AnnotateObserver(Observer):
     def __init__(
-        self, migration: Migration, *, write_file: Callable[[str, Callable[[], bytes]], None] | None = None
+        self,
+        migration: Migration,
+        *,
+        write_file: Callable[[str, Callable[[], bytes]], None] | None = None,
     ) -> None:
         super().__init__(migration)
         self.log = log.bind(session=migration.session_id)
