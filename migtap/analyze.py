@@ -47,7 +47,6 @@ if TYPE_CHECKING:
 
 CHUNK_SIZE: Final = 1 << 20
 MAIN_FILE: Final = "src-to-dst.bin"
-RETURN_PATH_FILE: Final = "dst-to-src.bin"
 #: Kinds of channel whose capture files hold pages (``conn-<index>-<kind>.src-to-dst.bin``).
 CHANNEL_KINDS: Final = (ChannelKind.MULTIFD, ChannelKind.POSTCOPY_PREEMPT)
 DUMPS: Final = ("sections", "ram", "desc", "state")

@@ -205,7 +205,7 @@ def tap_settings(config: Config) -> TapSettings:
         capture_ram="none" if config.capture_ram == "none" else "full",
         vmdesc=vmdesc,
         progress_interval_s=config.progress_interval_s,
-        config={k: str(v) for k, v in asdict(config).items() if k != "extra"},
+        config={k: str(v) for k, v in asdict(config).items()},
     )
 
 

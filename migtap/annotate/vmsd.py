@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "NESTED_INLINE_TYPES",
-    "OPAQUE_LIST_TYPES",
     "DeviceDesc",
     "FieldDesc",
     "VmDescription",
@@ -37,8 +36,6 @@ __all__ = [
 # Field types whose nested vmsd (vmsd_name/version/fields/subsections) is written straight into
 # the field object rather than under "struct" (``docs/stream-format.md`` §4.2).
 NESTED_INLINE_TYPES = frozenset({"tmp", "vstruct"})
-# Repeated-element containers: their keys repeat (duplicate JSON keys), so they stay opaque.
-OPAQUE_LIST_TYPES = frozenset({"qtailq", "qlist", "gtree"})
 
 _FIELD_KEYS = frozenset({"name", "type", "size", "array_len", "index", "struct"})
 _VMSD_KEYS = frozenset({"vmsd_name", "version", "fields", "subsections"})
@@ -110,10 +107,6 @@ class DeviceDesc:
     @property
     def subsections(self) -> tuple[VmsdDesc, ...]:
         return self.body.subsections
-
-    @property
-    def old_style(self) -> bool:
-        return self.body.vmsd_name is None
 
 
 @dataclass(frozen=True, slots=True)

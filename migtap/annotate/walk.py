@@ -63,8 +63,6 @@ UNSIGNED_INT_TYPES = frozenset(
     }
 )
 INT_TYPES = SIGNED_INT_TYPES | UNSIGNED_INT_TYPES
-# Raw byte types. float64/CPU_Double_U stay as their 8 BE bytes so nothing is reinterpreted.
-BYTES_TYPES = frozenset({"buffer", "unused_buffer", "bitmap", "float64", "CPU_Double_U"})
 
 NATURAL_SIZE: dict[str, int] = {
     "bool": 1,
@@ -193,10 +191,6 @@ class DecodedSection:
     @property
     def fields(self) -> dict[str, Value]:
         return {name: plain(child) for name, child in self.root.fields.items()}
-
-    @property
-    def end_offset(self) -> int:
-        return self.base_offset + self.consumed
 
 
 def decode_section(desc: DeviceDesc, payload: Buffer, *, base_offset: int = 0) -> DecodedSection:
@@ -379,7 +373,8 @@ class _Walker:
             length = self.unpack(_U8, path)
             value = bytes(self.take(length, path)).decode("utf-8", "replace")
             size = 1 + length
-        else:  # BYTES_TYPES and every type we don't model: raw bytes of the described size
+        else:  # buffer, bitmap, float64 (its 8 BE bytes, not reinterpreted) and every type we
+            # don't model: raw bytes of the described size
             assert size is not None
             value = bytes(self.take(size, path))
         return Leaf(ftype, size, self.base + start, value)

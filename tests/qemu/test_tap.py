@@ -194,28 +194,52 @@ async def multifd_capture(
     return info, logs, capture_dir(root)
 
 
+def xbzrle_records(relay: Any) -> int:
+    """XBZRLE records the live tap counted so far, over the relay's open sessions."""
+    return sum(
+        s.tap.migration.xbzrle for s in relay.registry.sessions.values() if s.tap is not None
+    )
+
+
 async def xbzrle_capture(
     tmp_path: Path, make_relay: Any, qemu: Qemu = HOST_QEMU
 ) -> tuple[dict[str, Any], list[dict[str, Any]], Path]:
     """A guest rewriting 64 bytes of each page of 512 KiB in a loop (small xbzrle deltas),
-    migrated with xbzrle and captured: held at a 1 ms
-    downtime limit for 5 dirty syncs (xbzrle encodes a page from its third sending on), then
-    let converge. RAM checked. Returns query-migrate, the logs and the capture directory."""
-    root = tmp_path / "captures"
-    guest = guest_args(floppy(tmp_path, partial=True))
+    migrated with xbzrle and captured: held at 8 MiB/s and a 1 ms downtime limit (no
+    convergence while the guest writes) until 32 XBZRLE records crossed the wire (xbzrle
+    encodes a page from its third sending on), then let converge. RAM checked. Returns
+    query-migrate, the logs and the capture directory.
+
+    A vCPU starved by a busy machine can stop dirtying long enough for the migration to converge
+    before 32 records: that attempt is not a migtap failure; a fresh pair tries again (3 in all).
+    """
+    for attempt in range(3):
+        work = tmp_path / f"attempt-{attempt}"
+        work.mkdir()
+        result = await _xbzrle_attempt(work, make_relay, qemu)
+        if result is not None:
+            return result
+    pytest.fail("three xbzrle migrations converged before 32 XBZRLE records crossed the wire")
+
+
+async def _xbzrle_attempt(
+    work: Path, make_relay: Any, qemu: Qemu
+) -> tuple[dict[str, Any], list[dict[str, Any]], Path] | None:
+    root = work / "captures"
+    guest = guest_args(floppy(work, partial=True))
     async with vm_pair(
-        tmp_path, random_mib=8, src_extra=guest, dst_extra=guest, src_qemu=qemu, dst_qemu=qemu
+        work, random_mib=8, src_extra=guest, dst_extra=guest, src_qemu=qemu, dst_qemu=qemu
     ) as pair:
         await wait_booted(pair.src)
-        await pair.configure({"xbzrle": True}, {"downtime_limit": 1, "max_bandwidth": 64 * MiB})
+        await pair.configure({"xbzrle": True}, {"downtime_limit": 1, "max_bandwidth": 8 * MiB})
         with capture_logs() as logs:
             async with make_relay(pair.dst_port, tap=TapSettings(capture_dir=root)) as relay:
                 await pair.src.cmd("migrate", uri=f"tcp:127.0.0.1:{relay.port}")
                 async with asyncio.timeout(60):
-                    while True:
+                    while xbzrle_records(relay) < 32:  # XBZRLE records seen on the wire
                         state = await pair.src.query_migrate()
-                        if state.get("ram", {}).get("dirty-sync-count", 0) >= 5:
-                            break
+                        if state.get("status") == "completed":
+                            return None  # converged early: try again
                         assert state.get("status") in ("setup", "active"), state
                         await asyncio.sleep(0.05)
                 await pair.src.set_parameters(downtime_limit=2000)
