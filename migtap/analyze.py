@@ -40,8 +40,9 @@ from migtap.wire.stream import StreamParser
 from migtap.wire.vmdesc import parse_vmdesc
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterator, Mapping
 
+    from migtap.model import DeviceResult
     from migtap.wire.generation import GenerationTracker
     from migtap.wire.ram import RamStats, RoundStats
 
@@ -613,8 +614,16 @@ def _vmdesc_obj(a: Analysis, vmdesc_file: Path | None) -> Any:  # noqa: ANN401 -
     return parse_vmdesc(a.vmdesc).desc
 
 
-def state_dump(a: Analysis, desc_obj: Any, err: TextIO) -> dict[str, Any]:  # noqa: ANN401
-    """Decode every device section with the vmdesc: analyze-migration.py -d state's shape."""
+def state_dump(
+    a: Analysis,
+    desc_obj: Any,  # noqa: ANN401 - a JSON value
+    err: TextIO,
+    *,
+    decoded: Mapping[int, DeviceResult] | None = None,
+) -> dict[str, Any]:
+    """Decode every device section with the vmdesc: analyze-migration.py -d state's shape.
+    ``decoded``: what the tap already decoded with the stream's own vmdesc, by section offset
+    (used instead of decoding again)."""
     desc = Desc.from_json(desc_obj)
     sections: list[DecodedDevice | RamState] = []
     ram_ids = {b.section_id for b in a.ram_blocks}
@@ -625,17 +634,23 @@ def state_dump(a: Analysis, desc_obj: Any, err: TextIO) -> dict[str, Any]:  # no
         full = d.kind == SectionType.QEMU_VM_SECTION_FULL
         if d.idstr is None or not full or d.section_id in ram_ids:
             continue
-        dd = desc.find(d.idstr, d.instance_id or 0)
-        if dd is None:
-            err.write(f"migtap analyze: no vmdesc entry for {d.idstr} ({d.instance_id})\n")
-            continue
-        decoded = decode_section(dd, d.payload, base_offset=d.payload_offset)
-        if decoded.consumed != len(d.payload):
+        done = decoded.get(d.offset) if decoded is not None else None
+        if done is not None and done.error is not None:
+            raise done.error
+        if done is not None and done.decoded is not None:
+            section = done.decoded
+        else:
+            dd = desc.find(d.idstr, d.instance_id or 0)
+            if dd is None:
+                err.write(f"migtap analyze: no vmdesc entry for {d.idstr} ({d.instance_id})\n")
+                continue
+            section = decode_section(dd, d.payload, base_offset=d.payload_offset)
+        if section.consumed != len(d.payload):
             err.write(
                 f"migtap analyze: {d.idstr} ({d.instance_id}): the vmdesc uses "
-                f"{decoded.consumed} bytes, the footer scan found {len(d.payload)}\n"
+                f"{section.consumed} bytes, the footer scan found {len(d.payload)}\n"
             )
-        sections.append(DecodedDevice(d.section_id, decoded))
+        sections.append(DecodedDevice(d.section_id, section))
     return render_state(sections)
 
 
@@ -705,7 +720,9 @@ def _render(a: Analysis, dumps: list[str], args: argparse.Namespace, out: TextIO
                 json.dump(doc["vmdesc"], out, indent=2)
                 out.write("\n")
         elif what == "state":
-            doc["state"] = state_dump(a, _vmdesc_obj(a, args.vmdesc), err)
+            own = {r.offset: r for r in a.migration.devices if r.vmdesc == "stream"}
+            reuse = own if args.vmdesc is None else None
+            doc["state"] = state_dump(a, _vmdesc_obj(a, args.vmdesc), err, decoded=reuse)
             if not args.json:
                 out.write(json.dumps(doc["state"], indent=4, separators=(",", ": ")) + "\n")
     return doc

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -46,6 +47,9 @@ def _free_port() -> int:
 class RelayProc:
     """A relay process listening on 127.0.0.1 and forwarding to 127.0.0.1:dst_port."""
 
+    #: ``--baseline-tree``: the source tree that ``migtap-...@base`` paths run from.
+    baseline_tree: Path | None = None
+
     def __init__(self, kind: str, dst_port: int, workdir: Path) -> None:
         self.kind = kind
         self.dst_port = dst_port
@@ -56,8 +60,15 @@ class RelayProc:
 
     def start(self) -> None:
         if self.kind.startswith("migtap"):
-            # "migtap-LOOP" or "migtap-LOOP:option=value+option=value" (listen options)
-            name, _, opts = self.kind.partition(":")
+            # "migtap-LOOP" or "migtap-LOOP:option=value+option=value" (listen options); a
+            # trailing "@base" runs the relay from --baseline-tree (an earlier commit's checkout)
+            kind, _, tree = self.kind.partition("@")
+            source = ROOT
+            if tree:
+                if tree != "base" or self.baseline_tree is None:
+                    raise ValueError(f"{self.kind}: '@base' needs --baseline-tree")
+                source = self.baseline_tree
+            name, _, opts = kind.partition(":")
             loop = name.split("-", 1)[1]
             extra = []
             for opt in filter(None, opts.split("+")):
@@ -84,17 +95,19 @@ class RelayProc:
                     *extra,
                 ],
                 stderr=(self.workdir / f"{self.kind.replace(':', '_')}.log").open("ab"),
-                cwd=ROOT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                cwd=source,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(source)},
             )
             # Never probe with a connection: the relay would pass it on and QEMU would take it
             # as the main channel. Ask the socket table which port the process listens on.
             self.port = self._wait_listening_port()
-        elif self.kind == "socat":
+        elif self.kind in ("socat", "socat-1m"):
+            # socat-1m: socat with a 1 MiB buffer (-b), as anyone tuning socat would run it
             self.port = _free_port()
             self.proc = subprocess.Popen(
                 [
                     "socat",
+                    *(["-b", "1048576"] if self.kind == "socat-1m" else []),
                     f"TCP-LISTEN:{self.port},bind=127.0.0.1,reuseaddr,fork",
                     f"TCP:127.0.0.1:{self.dst_port}",
                 ],
@@ -130,6 +143,28 @@ class RelayProc:
                     return int(line.split()[3].rsplit(":", 1)[1])
             time.sleep(0.05)
         raise RuntimeError(f"{self.kind} did not start listening")
+
+    def cpu_s(self) -> float:
+        """User + system CPU seconds of the relay process so far, with its children: live ones
+        (socat forks one per connection) and reaped ones."""
+        if self.proc is None:
+            return 0.0
+        ticks = 0
+        todo, root = [self.proc.pid], True
+        while todo:
+            pid = todo.pop()
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                tasks = list(Path(f"/proc/{pid}/task").iterdir())
+            except OSError:  # exited meanwhile: its time is in its parent's cutime
+                continue
+            utime, stime, cutime, cstime = (int(f) for f in stat[11:15])
+            ticks += utime + stime + (cutime + cstime if root else 0)
+            root = False
+            for task in tasks:
+                with contextlib.suppress(OSError):
+                    todo += [int(c) for c in (task / "children").read_text().split()]
+        return ticks / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -203,8 +238,13 @@ def disk_write_rate(directory: Path, total: int = 3 * GiB) -> float:
     return total / 1e6 / (time.perf_counter() - t0)
 
 
-def raw_throughput(kind: str, total: int, workdir: Path) -> float:
-    """GiB/s of ``total`` bytes from a sender through the relay (or direct) to a receiver."""
+def raw_throughput(
+    kind: str, total: int, workdir: Path, stream: bytes | None = None
+) -> tuple[float, float | None]:
+    """GiB/s of ``total`` bytes from a sender through the relay (or direct) to a receiver, and
+    the relay process's CPU seconds per GiB (None for direct). With ``stream``, those bytes are
+    sent once instead (a real migration stream, so that the tap parses what it relays), from
+    user memory as QEMU sends (``sendfile`` from the page cache slows every relay here)."""
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(8)
@@ -226,22 +266,30 @@ def raw_throughput(kind: str, total: int, workdir: Path) -> float:
     port = relay.port if relay else dst_port
     rx = threading.Thread(target=receive)
     rx.start()
-    block = memoryview(os.urandom(4 * MiB))
+    cpu0 = relay.cpu_s() if relay else 0.0
+    random_block = memoryview(os.urandom(4 * MiB))
     t0 = time.perf_counter()
     with socket.create_connection(("127.0.0.1", port)) as s:
         sent = 0
-        while sent < total:
-            s.sendall(block)
-            sent += len(block)
+        if stream is not None:
+            view = memoryview(stream)
+            for start in range(0, len(view), 4 * MiB):
+                s.sendall(view[start : start + 4 * MiB])
+            sent = len(view)
+        else:
+            while sent < total:
+                s.sendall(random_block)
+                sent += len(random_block)
         s.shutdown(socket.SHUT_WR)
         rx.join()
     elapsed = time.perf_counter() - t0
+    cpu = relay.cpu_s() - cpu0 if relay else None
     server.close()
     if relay:
         relay.stop()
     if received[0] != sent:
         raise RuntimeError(f"{kind}: sent {sent}, received {received[0]}")
-    return sent / GiB / elapsed
+    return sent / GiB / elapsed, None if cpu is None else cpu / (sent / GiB)
 
 
 def main() -> int:
@@ -258,17 +306,31 @@ def main() -> int:
     )
     parser.add_argument("--paths", default="direct,socat,migtap-asyncio,migtap-uvloop")
     parser.add_argument("--out", type=Path, help="write all figures as JSON here")
+    parser.add_argument(
+        "--raw-stream",
+        type=Path,
+        help="raw runs send this real migration stream (e.g. .cache/bench-parser-1g.bin from "
+        "scripts/bench_parser.py) instead of random bytes",
+    )
+    parser.add_argument(
+        "--baseline-tree",
+        type=Path,
+        help="a checkout of an earlier commit (git worktree add DIR COMMIT): paths ending in "
+        "'@base' run migtap from it, for before/after figures in one run",
+    )
     args = parser.parse_args()
+    RelayProc.baseline_tree = args.baseline_tree.resolve() if args.baseline_tree else None
+    stream = args.raw_stream.read_bytes() if args.raw_stream else None
     paths = args.paths.split(",")
     if "haproxy" not in paths and shutil.which("haproxy"):
         paths.append("haproxy")
     for tool in ("socat", "haproxy"):
-        if tool in paths and not shutil.which(tool):
+        if tool in {p.split("-")[0] for p in paths} and not shutil.which(tool):
             print(
                 f"bench: {tool} not installed (apt-get install -y {tool}); skipping it",
                 file=sys.stderr,
             )
-            paths.remove(tool)
+            paths = [p for p in paths if p.split("-")[0] != tool]
 
     workdir = Path(tempfile.mkdtemp(prefix="migtap-bench-"))
     cache = ROOT / ".cache"
@@ -287,21 +349,27 @@ def main() -> int:
             )
 
     raw: dict[str, list[float]] = {p: [] for p in paths}
+    raw_cpu: dict[str, list[float]] = {p: [] for p in paths}
     for i in range(args.raw_runs):
         for path in paths[i % len(paths) :] + paths[: i % len(paths)]:
-            gibs = raw_throughput(path, int(args.raw_gib * GiB), workdir)
+            gibs, cpu = raw_throughput(path, int(args.raw_gib * GiB), workdir, stream)
             raw[path].append(gibs)
-            print(f"bench: raw {i} {path:15s} {gibs:.2f} GiB/s", file=sys.stderr)
+            if cpu is not None:
+                raw_cpu[path].append(cpu)
+            cpu_text = "" if cpu is None else f", {cpu:.2f} cpu-s/GiB"
+            print(f"bench: raw {i} {path:15s} {gibs:.2f} GiB/s{cpu_text}", file=sys.stderr)
 
     disk = disk_write_rate(cache) if any("capture=" in p for p in paths) else None
     if disk is not None:
         print(f"bench: plain 1 MiB os.write to {cache}: {disk:.0f} MB/s", file=sys.stderr)
     direct_times = [r["total_time_ms"] for r in runs if r["path"] == "direct"]
     direct = statistics.median(direct_times) if direct_times else float("nan")
+    if direct == 0 or direct != direct:  # --runs 0: raw runs only
+        direct = float("nan")
     summary = []
     print(
         f"\n{'path':40s} {'median total-time':>18s} {'vs direct':>10s} "
-        f"{'median GiB/s':>13s} {'raw GiB/s':>10s}"
+        f"{'median GiB/s':>13s} {'raw GiB/s':>10s} {'raw cpu-s/GiB':>14s}"
     )
     for path in paths:
         times = [r["total_time_ms"] for r in runs if r["path"] == path]
@@ -311,6 +379,7 @@ def main() -> int:
         med = statistics.median(times) if times else float("nan")
         rate = statistics.median(rates) if rates else float("nan")
         raw_med = statistics.median(raw[path]) if raw[path] else float("nan")
+        cpu_med = statistics.median(raw_cpu[path]) if raw_cpu[path] else float("nan")
         summary.append(
             {
                 "path": path,
@@ -320,9 +389,14 @@ def main() -> int:
                 "raw_gib_s": raw_med,
                 "total_times_ms": times,
                 "raw_runs_gib_s": raw[path],
+                "raw_cpu_s_per_gib": cpu_med,
+                "raw_runs_cpu_s_per_gib": raw_cpu[path],
             }
         )
-        print(f"{path:40s} {med:15.0f} ms {med / direct:10.2f} {rate:13.2f} {raw_med:10.2f}")
+        print(
+            f"{path:40s} {med:15.0f} ms {med / direct:10.2f} {rate:13.2f} {raw_med:10.2f} "
+            f"{cpu_med:14.2f}"
+        )
     if args.out:
         machine = {
             "cpus": os.cpu_count(),

@@ -39,13 +39,15 @@ if str(ROOT) not in sys.path:
 
 from migtap.wire import events as ev  # noqa: E402
 from migtap.wire.constants import SectionType  # noqa: E402
-from migtap.wire.multifd import MultifdInit, MultifdPacket, MultifdParser  # noqa: E402
-from migtap.wire.return_path import (  # noqa: E402
-    ReturnPathParser,
+from migtap.wire.events import (  # noqa: E402
+    MultifdInit,
+    MultifdPacket,
     RpPong,
     RpReqPages,
     RpReqPagesId,
 )
+from migtap.wire.multifd import MultifdParser  # noqa: E402
+from migtap.wire.return_path import ReturnPathParser  # noqa: E402
 from tests.qemu.harness import (  # noqa: E402
     MiB,
     Pair,

@@ -39,7 +39,7 @@ from migtap.wire.constants import (
     MULTIFD_FLAG_ZLIB,
     MULTIFD_FLAG_ZSTD,
 )
-from migtap.wire.events import MultifdDeviceState, MultifdEvent, MultifdInit, MultifdPacket
+from migtap.wire.events import MultifdDeviceState, MultifdInit, MultifdPacket
 from migtap.wire.framing import FramedParser
 
 if TYPE_CHECKING:
@@ -66,11 +66,6 @@ __all__ = [
     "MULTIFD_PACKET_SIZE",
     "MULTIFD_RAM_HDR_FIXED",
     "MULTIFD_VERSION",
-    # Deprecated re-exports: import the events from migtap.wire.events.
-    "MultifdDeviceState",
-    "MultifdEvent",
-    "MultifdInit",
-    "MultifdPacket",
     "MultifdParser",
     "MultifdStats",
     "ResentPages",

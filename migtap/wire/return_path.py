@@ -20,7 +20,6 @@ from typing_extensions import Buffer
 
 from migtap.errors import StreamError, UnsupportedStream
 from migtap.wire.events import (
-    ReturnPathEvent,
     RpPong,
     RpRecvBitmap,
     RpReqPages,
@@ -42,16 +41,7 @@ __all__ = [
     "RECV_BITMAP_SIZE_FIELD",
     "RP_MSG_LENGTHS",
     "MigRpMessageType",
-    # Deprecated re-exports: import the events from migtap.wire.events.
-    "ReturnPathEvent",
     "ReturnPathParser",
-    "RpPong",
-    "RpRecvBitmap",
-    "RpReqPages",
-    "RpReqPagesId",
-    "RpResumeAck",
-    "RpShut",
-    "RpSwitchoverAck",
 ]
 
 MIG_RP_HEADER_SIZE: Final = 4

@@ -35,8 +35,9 @@ from migtap.annotate.vmsd import VmDescription as Desc
 from migtap.annotate.walk import decode_section
 from migtap.wire import events as ev
 from migtap.wire.constants import SectionType
-from migtap.wire.multifd import MultifdInit, MultifdPacket, MultifdParser
-from migtap.wire.return_path import ReturnPathParser, RpPong, RpShut
+from migtap.wire.events import MultifdInit, MultifdPacket, RpPong, RpShut
+from migtap.wire.multifd import MultifdParser
+from migtap.wire.return_path import ReturnPathParser
 from migtap.wire.stream import State, StreamParser
 from migtap.wire.vmdesc import parse_vmdesc
 from tests.qemu.harness import (

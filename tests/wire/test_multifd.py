@@ -8,12 +8,10 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from migtap.errors import StreamError, TruncatedStream, UnsupportedStream
+from migtap.wire.events import MultifdDeviceState, MultifdInit, MultifdPacket
 from migtap.wire.multifd import (
     MULTIFD_FLAG_SYNC,
     MULTIFD_FLAG_ZLIB,
-    MultifdDeviceState,
-    MultifdInit,
-    MultifdPacket,
     MultifdParser,
     MultifdStats,
 )

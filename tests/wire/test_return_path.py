@@ -7,8 +7,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from migtap.errors import StreamError, TruncatedStream, UnsupportedStream
-from migtap.wire.return_path import (
-    ReturnPathParser,
+from migtap.wire.events import (
     RpPong,
     RpRecvBitmap,
     RpReqPages,
@@ -17,6 +16,7 @@ from migtap.wire.return_path import (
     RpShut,
     RpSwitchoverAck,
 )
+from migtap.wire.return_path import ReturnPathParser
 from tests.fixtures import fixture
 from tests.wire.mfd_streams import (
     rp,
