@@ -228,7 +228,7 @@ async def _xbzrle_attempt(
     root = work / "captures"
     guest = guest_args(floppy(work, partial=True))
     async with vm_pair(
-        work, random_mib=8, src_extra=guest, dst_extra=guest, src_qemu=qemu, dst_qemu=qemu
+        work, random_mib=2, src_extra=guest, dst_extra=guest, src_qemu=qemu, dst_qemu=qemu
     ) as pair:
         await wait_booted(pair.src)
         await pair.configure({"xbzrle": True}, {"downtime_limit": 1, "max_bandwidth": 8 * MiB})
