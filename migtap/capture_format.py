@@ -285,15 +285,20 @@ def read_index(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
             lineno += 1
             if not raw.strip():
                 continue
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                raise CaptureError(f"{where}: not UTF-8: {exc}") from exc
-            except ValueError as exc:
-                raise CaptureError(f"{where}: not JSON: {exc}") from exc
-            if not isinstance(record, dict):
-                raise CaptureError(f"{where}: not a JSON object")
-            yield upgrade_record(record, where=where)
+            yield upgrade_record(_json_object(raw, where), where=where)
+
+
+def _json_object(raw: bytes, where: str) -> dict[str, Any]:
+    """One JSON object from UTF-8 bytes; ``CaptureError`` naming ``where`` otherwise."""
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise CaptureError(f"{where}: not UTF-8: {exc}") from exc
+    except ValueError as exc:
+        raise CaptureError(f"{where}: not JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise CaptureError(f"{where}: not a JSON object")
+    return doc
 
 
 def read_session(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -310,15 +315,9 @@ def read_session(path: str | os.PathLike[str]) -> dict[str, Any]:
         raw = where.read_bytes()
     except OSError as exc:
         raise CaptureError(f"{where}: cannot read the session record: {exc}") from exc
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise CaptureError(f"{where}: not UTF-8: {exc}") from exc
-    except ValueError as exc:
-        raise CaptureError(f"{where}: not JSON: {exc}") from exc
-    if not isinstance(doc, dict):
-        raise CaptureError(f"{where}: not a JSON object")
-    doc = upgrade_record(doc, where=str(where), upgraders=SESSION_UPGRADERS)
+    doc = upgrade_record(
+        _json_object(raw, str(where)), where=str(where), upgraders=SESSION_UPGRADERS
+    )
     channels = doc.get("channels")
     if not isinstance(channels, list):
         raise CaptureError(f"{where}: no channel list")

@@ -51,7 +51,6 @@ from migtap.wire.return_path import ReturnPathParser  # noqa: E402
 from tests.qemu.harness import (  # noqa: E402
     MiB,
     Pair,
-    Vm,
     floppy,
     guest_args,
     qemu_binary,
@@ -65,8 +64,8 @@ from tests.qemu.test_parse_real_streams import (  # noqa: E402
     migrate_recorded,
     parse_main,
     recording_relay,
-    resolved_machine,
 )
+from tests.qemu.test_parse_real_streams import capture_file as capture_stream_file  # noqa: E402
 
 if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
@@ -151,23 +150,10 @@ def rp_facts(data: bytes) -> dict[str, Any]:
 
 # -- the four captures ------------------------------------------------------------------------
 async def capture_file(workdir: Path, image: Path) -> tuple[bytes, dict[str, Any], str]:
-    """The booted guest migrated to ``exec:cat > FILE`` (as test_parse_real_streams does)."""
-    vm = Vm("src", workdir, mem_mib=MEM_MIB, extra=guest_args(image))
-    path = workdir / "stream.bin"
-    part = workdir / "stream.part"
-    try:
-        await vm.start()
-        await wait_booted(vm)
-        machine = await resolved_machine(vm)
-        await vm.set_parameters(max_bandwidth=8 * 1024 * MiB)
-        await vm.cmd("migrate", uri=f"exec:cat > {part} && mv {part} {path}")
-        info = await wait_migration(vm, timeout_s=60)
-        assert info["status"] == "completed", info
-    finally:
-        await vm.stop()
-    async with asyncio.timeout(10):
-        while not path.exists():  # noqa: ASYNC110 - a file another process renames
-            await asyncio.sleep(0.02)
+    """The booted guest migrated to ``exec:cat > FILE``, as test_parse_real_streams does."""
+    path, info, machine = await capture_stream_file(
+        workdir, mem_mib=MEM_MIB, extra=guest_args(image), ready=wait_booted
+    )
     return path.read_bytes(), info, machine
 
 

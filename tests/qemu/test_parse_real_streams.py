@@ -52,7 +52,7 @@ from tests.qemu.harness import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
     from pathlib import Path
 
 pytestmark = pytest.mark.asyncio(loop_factories=["asyncio"])
@@ -187,15 +187,22 @@ def check_analyze(path: Path, desc: Desc) -> dict[str, Any]:
 
 # -- file captures ---------------------------------------------------------------------------
 async def capture_file(
-    workdir: Path, *, mem_mib: int = 64, machine: str = "pc", extra: list[str] | None = None
+    workdir: Path,
+    *,
+    mem_mib: int = 64,
+    machine: str = "pc",
+    extra: list[str] | None = None,
+    ready: Callable[[Vm], Awaitable[None]] | None = None,
 ) -> tuple[Path, dict[str, Any], str]:
-    """Migrate a lone source to ``exec:cat > FILE``; returns the file, final query-migrate and
-    the resolved machine type."""
+    """Migrate a lone source to ``exec:cat > FILE`` (once ``ready(vm)`` returns, if given);
+    returns the file, final query-migrate and the resolved machine type."""
     vm = Vm("src", workdir, mem_mib=mem_mib, machine=machine, extra=list(extra or []))
     path = workdir / "stream.bin"
     part = workdir / "stream.part"
     try:
         await vm.start()
+        if ready is not None:
+            await ready(vm)
         machine_type = await resolved_machine(vm)
         await vm.set_parameters(max_bandwidth=8 * 1024 * MiB)
         # cat may still be writing when QEMU says completed: rename once it is done.
