@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from migtap import __version__, analyze
+from migtap import __version__, analyze, check
 from migtap.config import CHOICES, Config, build_config, load_toml
 from migtap.errors import ConfigError, MigtapError
 from migtap.log import configure_logging
@@ -138,6 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     analyze.add_arguments(a)
     a.set_defaults(run=analyze.run)
+
+    c = sub.add_parser(
+        "check",
+        help="will a captured stream's device state load on a target QEMU?",
+        description="Compare the stream's device sections (its vmdesc) with what the target "
+        "QEMU accepts (its -dump-vmstate). Exit 1 if a section fails.",
+    )
+    check.add_arguments(c)
+    c.set_defaults(run=check.run)
     return parser
 
 
