@@ -33,7 +33,7 @@ from migtap.errors import MigtapError, StreamError
 from migtap.model import Migration, summary_fields
 from migtap.observers.base import Observer
 from migtap.tap import ChannelTap, SessionTap
-from migtap.vocabulary import ChannelInfo, ChannelKind, Direction
+from migtap.vocabulary import ChannelInfo, ChannelKind, Direction, KernelView
 from migtap.wire import events as ev
 from migtap.wire.constants import SECTION_FOOTER_SIZE, SectionType
 from migtap.wire.stream import StreamParser
@@ -307,6 +307,7 @@ def _infos_from_session(doc: dict[str, Any]) -> list[tuple[ChannelInfo, dict[str
             close_reason=ch.get("close_reason"),
             first_closed=ch.get("first_closed"),
             reset_by=ch.get("reset_by"),
+            kernel_view=KernelView.from_dict(ch.get("kernel_view")),
         )
         out.append((info, ch.get("files") or {}))
     return out

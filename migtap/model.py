@@ -25,6 +25,9 @@ event's time in the model is the one the capture's index records for it.
 
 from __future__ import annotations
 
+import bisect
+import collections
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, assert_never
 
@@ -94,10 +97,16 @@ class Round:
     zero: int = 0
     xbzrle: int = 0
     ended: float | None = None
+    wire_start: int = 0  # stream bytes (all channels, source to destination) when it began
+    wire_end: int | None = None  # ... and when it ended
 
     @property
     def pages(self) -> int:
         return self.normal + self.zero + self.xbzrle
+
+    @property
+    def wire_bytes(self) -> int | None:
+        return None if self.wire_end is None else self.wire_end - self.wire_start
 
     @property
     def finished(self) -> bool:
@@ -122,6 +131,51 @@ class SectionInFlight:
             "kind": self.kind,
             "section_id": self.section_id,
             "idstr": self.idstr,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class SectionStart:
+    """A section header on the main channel, named (PART/END take the idstr of their START)."""
+
+    offset: int
+    kind: str
+    section_id: int
+    idstr: str | None
+    instance_id: int | None
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "idstr": self.idstr,
+            "instance_id": self.instance_id,
+            "offset": self.offset,
+            "kind": self.kind,
+            "section_id": self.section_id,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class FailureRange:
+    """Where a destination that failed can have been reading: the stream offsets it can have
+    consumed (``KernelView.consumed``), the sections those bytes belong to, its SHUT value."""
+
+    offset_min: int
+    offset_max: int
+    sections: tuple[SectionStart, ...]
+    shut: int | None
+    acked: int | None  # what its kernel acknowledged
+    reset: bool  # it closed with bytes unread
+    sections_before: int | None = None  # the range starts before the sections kept
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "offset_min": self.offset_min,
+            "offset_max": self.offset_max,
+            "sections": [s.as_dict() for s in self.sections],
+            "shut": self.shut,
+            "acked": self.acked,
+            "reset": self.reset,
+            "sections_before": self.sections_before,
         }
 
 
@@ -194,7 +248,57 @@ class DevicesDecoded:
     batch: DeviceBatch
 
 
-Change = PhaseChanged | RoundFinished | GenerationNarrowed | DestinationShut | DevicesDecoded
+@dataclass(frozen=True, slots=True)
+class Convergence:
+    """The judgment over the last rounds (rules in :meth:`Migration._judge`)."""
+
+    converging: bool
+    rounds: tuple[int, ...]  # the round numbers judged
+    round_pages: tuple[int, ...]
+    working_set_bytes: int  # pages of the last round judged, as bytes
+    dirty_rate_bytes_s: float  # the guest: what it dirtied during a round, per second
+    transfer_rate_bytes_s: float  # the wire, during the last round judged
+    expected_downtime_ms: float  # the working set at the transfer rate
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "converging": self.converging,
+            "rounds": list(self.rounds),
+            "round_pages": list(self.round_pages),
+            "working_set_bytes": self.working_set_bytes,
+            "dirty_rate_mib_s": round(self.dirty_rate_bytes_s / MiB, 1),
+            "transfer_rate_mib_s": round(self.transfer_rate_bytes_s / MiB, 1),
+            "expected_downtime_ms": round(self.expected_downtime_ms, 1),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ConvergenceChanged:
+    """A precopy migration stopped converging (``judgment.converging`` False), its picture
+    changed while not converging, or it converged after all (True, at stop-and-copy)."""
+
+    judgment: Convergence
+
+
+Change = (
+    PhaseChanged
+    | RoundFinished
+    | GenerationNarrowed
+    | DestinationShut
+    | DevicesDecoded
+    | ConvergenceChanged
+)
+
+#: Rounds after the bulk round that a judgment looks at.
+JUDGED_ROUNDS: Final = 3
+#: "Not falling": a round with at least this share of the pages of the round before it.
+NOT_FALLING: Final = 0.9
+#: "Dirty rate at or above the transfer rate", with this much slack for measuring noise.
+RATE_SLACK: Final = 0.9
+#: A new warning when the working set or a rate moved by more than this share.
+PICTURE_CHANGE: Final = 0.5
+#: Section headers of the main channel kept to name what a failure range covers.
+SECTIONS_KEPT: Final = 4096
 
 
 # -- the model -------------------------------------------------------------------------------------
@@ -241,6 +345,13 @@ class Migration:
         self.channel_rates: dict[int, float] = {}
         self._sampled_at = started
         self._sampled_bytes: dict[int, int] = {}
+        self.convergence: Convergence | None = None  # the latest judgment
+        self.sections: collections.deque[SectionStart] = collections.deque(maxlen=SECTIONS_KEPT)
+        self._section_names: dict[int, tuple[str | None, int | None]] = {}
+        self.failure: FailureRange | None = None  # where a destination that failed was
+        self.wire_bytes: dict[int, int] = {}  # per channel: stream bytes the events covered
+        self._warned: Convergence | None = None  # the not-converging picture last reported
+        self.postcopy = False  # the PACKAGED switch to postcopy was seen
         # reducer state
         self._parser_round = 0  # the newest round number the main-channel parser reported
         self._flush_pending = False  # a MULTIFD_FLUSH (8.1+: a pass over RAM ended) not yet used
@@ -366,6 +477,8 @@ class Migration:
         self.now = now
         changes: list[Change] = []
         from_source = direction is Direction.SRC_TO_DST
+        if from_source:
+            self._note_wire(channel, event)
         if self.generation.observe(event, from_source=from_source):
             changes.append(
                 self._generation_change(Peer.SOURCE if from_source else Peer.DESTINATION)
@@ -449,6 +562,12 @@ class Migration:
             return
         self.phase = phase
         changes.append(PhaseChanged(phase, self.round_number, self.now, first_section))
+        if phase is Phase.POSTCOPY:
+            self.postcopy = True
+        if phase is Phase.STOP_AND_COPY and self._warned is not None:
+            judgment = dataclasses.replace(self._warned, converging=True)
+            self.convergence = judgment
+            changes.append(ConvergenceChanged(judgment))
 
     def _on_pages(self, channel: ChannelInfo, event: RamPages, changes: list[Change]) -> None:
         rnd = self.round
@@ -485,12 +604,52 @@ class Migration:
             rnd.normal += event.normal_pages
             rnd.zero += event.zero_pages
 
+    def destination_failed(self, channel: ChannelInfo) -> FailureRange | None:
+        """The main channel closed: if the destination failed (a SHUT other than 0, a reset, or
+        a close before the stream's end), where it can have been reading. Kept in ``failure``."""
+        shut_failed = self.shut_value is not None and self.shut_value != 0
+        reset = channel.reset_by is Peer.DESTINATION
+        early = channel.first_closed is Peer.DESTINATION and self.eof_at is None
+        if self.shut_value == 0 or not (shut_failed or reset or early):
+            return None
+        forwarded = channel.bytes_src_to_dst
+        view = channel.kernel_view
+        lo, hi = view.consumed(forwarded) if view is not None else (0, forwarded)
+        kept = list(self.sections)
+        starts = [s.offset for s in kept]
+        first = max(bisect.bisect_right(starts, lo) - 1, 0)  # the section holding offset lo
+        covered = tuple(s for s in kept[first:] if s.offset <= hi)
+        before = (
+            kept[0].offset if kept and lo < kept[0].offset and len(kept) == SECTIONS_KEPT else None
+        )
+        self.failure = FailureRange(
+            lo,
+            hi,
+            covered,
+            self.shut_value,
+            None if view is None else view.acked,
+            reset,
+            before,
+        )
+        return self.failure
+
+    def _note_wire(self, channel: ChannelInfo, event: Event) -> None:
+        """How far the source's bytes on this channel are covered by events (for the rates of
+        rounds: the same live and offline, unlike socket counters)."""
+        end = event.offset
+        if isinstance(event, RamPages):
+            end += event.length
+        elif isinstance(event, MultifdPacket):
+            end += event.payload_bytes
+        if end > self.wire_bytes.get(channel.index, 0):
+            self.wire_bytes[channel.index] = end
+
     def _new_round(self, changes: list[Change]) -> Round:
         now = self.now
         self._flush_pending = False
         if self.round is not None:
             self._finish_round(self.round, now, changes)
-        rnd = Round(len(self.rounds) + 1, now)
+        rnd = Round(len(self.rounds) + 1, now, wire_start=sum(self.wire_bytes.values()))
         self.rounds.append(rnd)
         if self.phase in (Phase.SETUP, Phase.ROUND):
             self._set_phase(Phase.ROUND, changes)
@@ -500,15 +659,79 @@ class Migration:
         if rnd.finished:
             return
         rnd.ended = now
+        rnd.wire_end = sum(self.wire_bytes.values())
         duration = now - rnd.started
         # Pages sent in a later round were dirtied during the one before it.
         rate = rnd.pages * self.page_size / duration if duration > 0 and rnd.number > 1 else None
         changes.append(RoundFinished(rnd, rate))
+        if self.phase is Phase.ROUND:
+            self._judge(changes)
+
+    def _judge(self, changes: list[Change]) -> None:
+        """Is precopy converging? Over the last ``JUDGED_ROUNDS`` finished rounds after the bulk
+        round (each one a round QEMU chose to start rather than stop the VM): not when the last
+        has at least ``NOT_FALLING`` of the pages of the first, and the guest dirtied pages (the
+        later rounds', during the rounds before them) at least about as fast as the wire carried
+        the later rounds. Rates are taken over pairs of rounds: a rate-limited QEMU sends in
+        bursts, so one round alone can take no time at all. Reported once, then again only when
+        the picture changes by more than ``PICTURE_CHANGE``."""
+        done = [r for r in self.rounds if r.number > 1 and r.ended is not None]
+        if len(done) < JUDGED_ROUNDS:
+            return
+        last = done[-JUDGED_ROUNDS:]
+        first, final = last[0], last[-1]
+        earlier = last[:-1]
+        later = last[1:]
+        earlier_s = sum(r.duration_s(self.now) for r in earlier)
+        later_s = sum(r.duration_s(self.now) for r in later)
+        wire = [r.wire_bytes for r in later]
+        if earlier_s <= 0 or later_s <= 0 or None in wire:
+            return
+        later_pages = sum(r.pages for r in later)
+        dirty = later_pages * self.page_size / earlier_s
+        transfer = sum(w for w in wire if w is not None) / later_s
+        falling = final.pages < NOT_FALLING * first.pages
+        judgment = Convergence(
+            converging=falling or dirty < RATE_SLACK * transfer,
+            rounds=tuple(r.number for r in last),
+            round_pages=tuple(r.pages for r in last),
+            working_set_bytes=final.pages * self.page_size,
+            dirty_rate_bytes_s=dirty,
+            transfer_rate_bytes_s=transfer,
+            # the working set at the wire's rate: how long stopping the VM now would take
+            expected_downtime_ms=final.pages * self.page_size / transfer * 1000,
+        )
+        self.convergence = judgment
+        if not judgment.converging and _picture_changed(self._warned, judgment):
+            self._warned = judgment
+            changes.append(ConvergenceChanged(judgment))
+
+    def convergence_figures(self) -> dict[str, object] | None:
+        """The judgment behind ``converging()``: the not-converging picture when it never
+        converged, else the latest judgment."""
+        judgment = self._warned if self.converging() is False else self.convergence
+        return None if judgment is None else judgment.as_dict()
+
+    def converging(self) -> bool | None:
+        """True once precopy reached stop-and-copy; False if it was judged not converging and
+        never did (cancelled, failed, or rescued by postcopy); None when there is no telling."""
+        if self.stopped_at is not None and not self.postcopy:
+            return True
+        if self._warned is not None:
+            return False
+        return None
 
     def _on_section(self, event: SectionHeader, changes: list[Change]) -> None:
         self.last_section = SectionInFlight(
             event.offset, event.kind.name, event.section_id, event.idstr
         )
+        if event.idstr is not None:
+            self._section_names[event.section_id] = (event.idstr, event.instance_id)
+        idstr, instance = self._section_names.get(event.section_id, (None, None))
+        if not self.in_packaged:  # offsets inside a PACKAGED blob are not the stream's order
+            self.sections.append(
+                SectionStart(event.offset, event.kind.name, event.section_id, idstr, instance)
+            )
         if event.kind in _STOPPED_KINDS and not self.in_packaged and self.stopped_at is None:
             if self.phase is Phase.POSTCOPY:
                 return
@@ -520,6 +743,17 @@ class Migration:
             self._set_phase(
                 Phase.STOP_AND_COPY, changes, first_section=event.idstr or event.section_id
             )
+
+
+def _picture_changed(before: Convergence | None, now: Convergence) -> bool:
+    if before is None:
+        return True
+    pairs = (
+        (before.working_set_bytes, now.working_set_bytes),
+        (before.dirty_rate_bytes_s, now.dirty_rate_bytes_s),
+        (before.transfer_rate_bytes_s, now.transfer_rate_bytes_s),
+    )
+    return any(abs(b - a) > PICTURE_CHANGE * max(a, 1) for a, b in pairs)
 
 
 # -- the summary -----------------------------------------------------------------------------------
@@ -551,6 +785,9 @@ def summary_fields(m: Migration, *, capture_dir: str | None = None) -> dict[str,
         "last_section": None if m.last_section is None else m.last_section.as_dict(),
         "device_sections": m.device_sections,
         "vmdesc": m.vmdesc,
+        "failure": None if m.failure is None else m.failure.as_dict(),
+        "converging": m.converging(),
+        "convergence": m.convergence_figures(),
         "devices_decoded": m.devices_decoded,
         "devices_failed": m.devices_failed,
         "capture_dir": capture_dir,

@@ -110,8 +110,10 @@ class SessionTap:
         clock: Callable[[], float] = time.time,
         live: bool = True,
         logger: Any = None,  # noqa: ANN401 - a structlog logger; offline passes a quiet one
+        capture_dir: str | None = None,
     ) -> None:
         self.migration = migration
+        self.capture_dir = capture_dir  # named in the replay command of a failure report
         self.session_id = migration.session_id
         self.log = (log if logger is None else logger).bind(session=migration.session_id)
         self.observers: tuple[Observer, ...] = tuple(observers)
@@ -411,26 +413,37 @@ class SessionTap:
         )
 
     def _report_early_close(self, tap: ChannelTap) -> None:
-        """The destination went away before EOF: say where in the stream that happened."""
+        """The destination failed: say which stream offsets it can have been reading, and what
+        sections they belong to (rules in docs/tap.md, "Where a destination failed")."""
         info = tap.info
         m = self.migration
-        if info.first_closed is not Peer.DESTINATION or m.shut_value == 0:
-            return  # the source finished first, or the destination said it loaded fine
-        if m.eof_at is not None and info.reset_by is not Peer.DESTINATION:
-            return  # it read the whole stream and closed cleanly
+        failure = m.destination_failed(info)
+        if failure is None:
+            return
         section = m.last_section
         end = info.bytes_src_to_dst
+        names = [f"{s.idstr or s.section_id} ({s.instance_id})" for s in failure.sections]
+        replay = (
+            f"migtap replay {self.capture_dir} --qemu -- <the destination's QEMU command line>"
+            if self.capture_dir is not None
+            else "migtap listen ... --capture DIR, then migtap replay DIR/<session> --qemu -- "
+            "<the destination's QEMU command line>"
+        )
         self.log.warning(
             "destination_closed_early",
             ch=info.index,
             close_reason=info.close_reason,
             phase=m.phase_text,
+            failure=failure.as_dict(),
+            failed_in=names if len(names) <= 8 else [*names[:4], "...", *names[-3:]],
             section_in_flight=None if section is None else section.as_dict(),
             bytes_forwarded=end,
             last_bytes_offset=end - len(tap.tail),
             last_bytes_hex=tap.tail.hex(" "),
             shut_value=m.shut_value,
-            action="the destination QEMU failed to load: see its log for the reason",
+            action=f"the destination QEMU failed to load while reading offsets "
+            f"{failure.offset_min}..{failure.offset_max}; its log names the field; for the "
+            f"exact record: {replay}",
         )
 
     def _detach(self, observer: Observer, exc: Exception) -> None:

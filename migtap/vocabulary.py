@@ -18,6 +18,7 @@ __all__ = [
     "ChannelInfo",
     "ChannelKind",
     "Direction",
+    "KernelView",
     "Outcome",
     "Peer",
     "Phase",
@@ -66,6 +67,45 @@ class Outcome(StrEnum):
     UNKNOWN = "unknown"
 
 
+#: QEMU's ``QEMUFile`` reads ahead into a buffer of this size (``IO_BUF_SIZE``): bytes it took
+#: from the socket but may not have processed yet.
+QEMU_FILE_BUFFER = 32 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class KernelView:
+    """What this host's kernel said about the connection to the destination at the moment the
+    destination ended it (rules in docs/tap.md, "Where a destination failed")."""
+
+    acked: int | None  # stream bytes the destination's kernel acknowledged; None: not known
+    reset: bool  # it reset the connection (closed with bytes unread) rather than a clean FIN
+    buffer_bound: int  # the most bytes its kernel can hold unread (net.ipv4.tcp_rmem maximum)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"acked": self.acked, "reset": self.reset, "buffer_bound": self.buffer_bound}
+
+    @classmethod
+    def from_dict(cls, doc: object) -> KernelView | None:
+        if not isinstance(doc, dict):
+            return None
+        acked = doc.get("acked")
+        return cls(
+            acked if isinstance(acked, int) else None,
+            bool(doc.get("reset")),
+            int(doc.get("buffer_bound") or 0),
+        )
+
+    def consumed(self, forwarded: int) -> tuple[int, int]:
+        """The range of stream offsets the destination QEMU can have read up to when it ended
+        the connection: ``(at least, at most)``."""
+        if self.acked is None:
+            return 0, forwarded
+        acked = min(self.acked, forwarded)
+        if not self.reset:  # a clean close: it had read all its kernel received
+            return max(0, acked - QEMU_FILE_BUFFER), acked
+        return max(0, acked - self.buffer_bound - QEMU_FILE_BUFFER), forwarded
+
+
 @dataclass(slots=True)
 class ChannelInfo:
     """One connection of a session. The relay's facts (peers, bytes, how it closed) and the
@@ -85,6 +125,7 @@ class ChannelInfo:
     first_closed: Peer | None = None  # whose EOF/close came first
     reset_by: Peer | None = None  # the side that reset the connection, if one did
     parse_error: str | None = None  # set when the parser of this channel was detached
+    kernel_view: KernelView | None = None  # when the destination ended it (TCP only)
 
     def __post_init__(self) -> None:
         self.kind = ChannelKind(self.kind)

@@ -427,6 +427,9 @@ class CaptureObserver(Observer):
                     "close_reason": info.close_reason,
                     "first_closed": jsonable(info.first_closed),
                     "reset_by": jsonable(info.reset_by),
+                    "kernel_view": (
+                        None if info.kernel_view is None else info.kernel_view.as_dict()
+                    ),
                     "parse_error": info.parse_error,
                     "files": files,
                 }

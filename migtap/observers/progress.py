@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Final, assert_never
 import structlog
 
 from migtap.model import (
+    ConvergenceChanged,
     DestinationShut,
     DevicesDecoded,
     GenerationNarrowed,
@@ -24,7 +25,7 @@ from migtap.observers.base import Observer
 from migtap.vocabulary import Direction
 
 if TYPE_CHECKING:
-    from migtap.model import Change, Migration
+    from migtap.model import Change, Convergence, Migration
     from migtap.vocabulary import SessionSummary
 
 log = structlog.get_logger("migtap.progress")
@@ -71,10 +72,33 @@ class ProgressObserver(Observer):
                 )
             case DestinationShut(value=value):
                 self.log.info("destination_shut", value=value, ok=value == 0)
+            case ConvergenceChanged(judgment=judgment):
+                self._convergence(judgment)
             case DevicesDecoded():
                 pass  # the annotate observer reports device state
             case _:
                 assert_never(change)
+
+    def _convergence(self, judgment: Convergence) -> None:
+        figures = judgment.as_dict()
+        del figures["converging"]
+        if judgment.converging:
+            self.log.info(
+                "migration_converged",
+                **figures,
+                after="a warning that it was not converging",
+            )
+            return
+        self.log.warning(
+            "migration_not_converging",
+            **figures,
+            action=(
+                "the guest dirties memory as fast as the wire carries it: raise max-bandwidth "
+                "(if the link has room), raise downtime-limit (accepts a longer pause), enable "
+                "auto-converge or dirty-limit (slows the guest), or switch to postcopy "
+                "(migrate-start-postcopy, with postcopy-ram set on both sides)"
+            ),
+        )
 
     def on_tick(self) -> None:
         """One ``migration_progress`` line (the tap calls this once per interval)."""

@@ -10,20 +10,49 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
 import struct
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, cast
 
 import structlog
 
-from migtap.vocabulary import Direction, Peer
+from migtap.vocabulary import Direction, KernelView, Peer
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
 log = structlog.get_logger("migtap.relay")
+
+
+#: ``struct tcp_info``: ``tcpi_bytes_acked`` (u64) at this offset (Linux 4.1+).
+_TCPI_BYTES_ACKED = 120
+
+
+@functools.cache
+def receive_buffer_bound() -> int:
+    """The most bytes a Linux kernel holds unread for one TCP socket (``net.ipv4.tcp_rmem``'s
+    maximum; this host's, the right one for a destination on the same host)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/tcp_rmem").read_text().split()[2])
+    except (OSError, ValueError, IndexError):
+        return 6 * 1024 * 1024  # Linux's default
+
+
+def kernel_view(transport: asyncio.BaseTransport | None, *, reset: bool) -> KernelView:
+    """Ask the kernel how many bytes the destination acknowledged (``TCP_INFO``); the socket
+    must still be open (connection_lost and eof_received run before it is closed)."""
+    acked = None
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError, struct.error):
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+            # counts the SYN too: one more than the data bytes
+            acked = max(0, struct.unpack_from("=Q", info, _TCPI_BYTES_ACKED)[0] - 1)
+    return KernelView(acked, reset, receive_buffer_bound())
 
 
 def reset(transport: asyncio.Transport) -> None:
@@ -100,6 +129,8 @@ class Side(asyncio.Protocol):
             observer.on_chunk(self.pipe, self.direction, offset, data)
 
     def eof_received(self) -> bool:
+        if self.upstream and self.pipe.kernel_view is None:
+            self.pipe.kernel_view = kernel_view(self.transport, reset=False)
         self.eof = True
         self.pipe.side_eof(self)
         return True  # keep our write side open: the other direction may still flow
@@ -112,6 +143,8 @@ class Side(asyncio.Protocol):
         self.peer.resume("peer")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.upstream and self.pipe.kernel_view is None and self.transport is not None:
+            self.pipe.kernel_view = kernel_view(self.transport, reset=exc is not None)
         self.lost = True
         self.pipe.side_lost(self, exc)
 
@@ -170,6 +203,8 @@ class Pipe:
         self.close_reason: str | None = None
         self.first_closed: Peer | None = None  # who ended first
         self.reset_by: Peer | None = None  # who reset the connection
+        #: The kernel's view of the destination's side when it first ended the connection.
+        self.kernel_view: KernelView | None = None
         self.error: str | None = None
         self.log = log.bind(pipe=pipe_id)
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -15,6 +15,7 @@ import structlog
 from migtap.errors import RelayError
 from migtap.model import Migration
 from migtap.observers import build_observers
+from migtap.observers.capture import CaptureObserver
 from migtap.relay.pipe import Pipe, Tuning
 from migtap.relay.session import Session, SessionRegistry, fmt_addr, host_of
 from migtap.tap import SessionTap, TapSettings
@@ -148,12 +149,14 @@ class Relay:
 
             future.add_done_callback(finished)
 
+        capture = next((o for o in observers if isinstance(o, CaptureObserver)), None)
         return SessionTap(
             migration,
             observers,
             vmdesc=settings.vmdesc,
             progress_interval_s=settings.progress_interval_s,
             offload=offload,
+            capture_dir=None if capture is None else str(capture.directory),
         )
 
     async def _tick(self) -> None:

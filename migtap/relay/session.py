@@ -235,6 +235,7 @@ class SessionRegistry:
         session = self._session_of.pop(pipe.pipe_id)
         if session.tap is not None and channel.tap is not None:
             try:
+                channel.tap.info.kernel_view = pipe.kernel_view
                 session.tap.channel_closed(
                     channel.tap, pipe.close_reason, pipe.first_closed, pipe.reset_by
                 )
