@@ -79,6 +79,9 @@ async def test_idle_guest(tmp_path: Path, make_relay: Any) -> None:
     assert m["devices_decoded"] > 10
     assert m["devices_failed"] == 0
     assert m["wire_downtime_ms"] is not None
+    assert not [e for e in logs if e["event"] == "migration_not_converging"]
+    assert m["converging"] is True
+    assert m["failure"] is None
 
 
 @ONE_LOOP
@@ -101,6 +104,8 @@ async def test_random_ram_64mib(tmp_path: Path, make_relay: Any) -> None:
     phases = [e["phase"] for e in logs if e["event"] == "migration_phase"]
     assert phases[:2] == ["setup", "bulk round"]
     assert "stop-and-copy" in phases
+    assert not [e for e in logs if e["event"] == "migration_not_converging"]  # it converges
+    assert m["converging"] is True
 
 
 async def test_multifd_4_channels(tmp_path: Path, make_relay: Any) -> None:
