@@ -205,7 +205,7 @@ async def xbzrle_capture(
     tmp_path: Path, make_relay: Any, qemu: Qemu = HOST_QEMU
 ) -> tuple[dict[str, Any], list[dict[str, Any]], Path]:
     """A guest rewriting 64 bytes of each page of 512 KiB in a loop (small xbzrle deltas),
-    migrated with xbzrle and captured: held at 8 MiB/s and a 1 ms downtime limit (no
+    migrated with xbzrle and captured: held at 2 MiB/s and a 1 ms downtime limit (no
     convergence while the guest writes) until 32 XBZRLE records crossed the wire (xbzrle
     encodes a page from its third sending on), then let converge. RAM checked. Returns
     query-migrate, the logs and the capture directory.
@@ -231,7 +231,7 @@ async def _xbzrle_attempt(
         work, random_mib=2, src_extra=guest, dst_extra=guest, src_qemu=qemu, dst_qemu=qemu
     ) as pair:
         await wait_booted(pair.src)
-        await pair.configure({"xbzrle": True}, {"downtime_limit": 1, "max_bandwidth": 8 * MiB})
+        await pair.configure({"xbzrle": True}, {"downtime_limit": 1, "max_bandwidth": 2 * MiB})
         with capture_logs() as logs:
             async with make_relay(pair.dst_port, tap=TapSettings(capture_dir=root)) as relay:
                 await pair.src.cmd("migrate", uri=f"tcp:127.0.0.1:{relay.port}")
