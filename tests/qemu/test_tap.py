@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import stat
 import subprocess
@@ -191,6 +192,9 @@ async def multifd_capture(
             params={"multifd_channels": 4},
         )
         await pair.assert_ram_identical()
+    recorded = [e["ram_xbzrle_pages"] for e in logs if e["event"] == "migration_summary"]
+    if recorded != [] and recorded[0] == 0:
+        return None  # a starved guest dirtied nothing between two syncs: try again
     return info, logs, capture_dir(root)
 
 
@@ -211,7 +215,8 @@ async def xbzrle_capture(
     query-migrate, the logs and the capture directory.
 
     A vCPU starved by a busy machine can stop dirtying long enough for the migration to converge
-    before 32 records: that attempt is not a migtap failure; a fresh pair tries again (3 in all).
+    before 32 records; some records are enough then, none is not a migtap failure: a fresh pair
+    tries again (3 in all).
     """
     for attempt in range(3):
         work = tmp_path / f"attempt-{attempt}"
@@ -219,7 +224,7 @@ async def xbzrle_capture(
         result = await _xbzrle_attempt(work, make_relay, qemu)
         if result is not None:
             return result
-    pytest.fail("three xbzrle migrations converged before 32 XBZRLE records crossed the wire")
+    pytest.fail("three xbzrle migrations converged before any XBZRLE record crossed the wire")
 
 
 async def _xbzrle_attempt(
@@ -239,10 +244,11 @@ async def _xbzrle_attempt(
                     while xbzrle_records(relay) < 32:  # XBZRLE records seen on the wire
                         state = await pair.src.query_migrate()
                         if state.get("status") == "completed":
-                            return None  # converged early: try again
+                            break  # converged early: enough if some records crossed
                         assert state.get("status") in ("setup", "active"), state
                         await asyncio.sleep(0.05)
-                await pair.src.set_parameters(downtime_limit=2000)
+                with contextlib.suppress(Exception):  # it may have completed meanwhile
+                    await pair.src.set_parameters(downtime_limit=2000)
                 info = await wait_migration(pair.src, timeout_s=60)
                 assert info["status"] == "completed", info
                 await wait_migration(pair.dst, timeout_s=30, statuses={"completed"})
@@ -250,6 +256,9 @@ async def _xbzrle_attempt(
                     while not relay.sessions_ended:
                         await asyncio.sleep(0.02)
         await pair.assert_ram_identical()
+    recorded = [e["ram_xbzrle_pages"] for e in logs if e["event"] == "migration_summary"]
+    if recorded != [] and recorded[0] == 0:
+        return None  # a starved guest dirtied nothing between two syncs: try again
     return info, logs, capture_dir(root)
 
 
