@@ -16,6 +16,7 @@ from migtap import __version__, analyze, check
 from migtap.config import CHOICES, Config, build_config, load_toml
 from migtap.errors import ConfigError, MigtapError
 from migtap.log import configure_logging
+from migtap.relay import replay as replay_cmd
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -138,6 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     analyze.add_arguments(a)
     a.set_defaults(run=analyze.run)
+
+    r = sub.add_parser(
+        "replay",
+        help="replay a capture into a destination and name the record it failed on",
+        description="Feed a capture to a listening destination (--to) or to a QEMU started "
+        "here (--qemu -- QEMU_ARGV...), record by record, and report where it stopped.",
+    )
+    replay_cmd.add_arguments(r)
+    r.set_defaults(run=replay_cmd.run)
 
     c = sub.add_parser(
         "check",
