@@ -40,10 +40,11 @@ appended if it exists), mode 0700; every file in it is 0600 whatever the umask:
     - ``channels``: per connection ``index``, ``pipe_id``, ``kind``, ``multifd_id``, ``source``,
       ``destination``, ``started``, ``ended``, ``bytes_src_to_dst``, ``bytes_dst_to_src``,
       ``close_reason``, ``first_closed`` and ``reset_by`` (``source``/``destination`` or null),
-      ``parse_error``, and ``files``: per direction ``file`` (or null), ``content`` (``exact``,
-      ``ram_removed``, ``omitted``, ``empty``), ``bytes_seen``, ``bytes_written``, and with
-      ``ram_removed`` also ``bytes_removed``, ``bytes_held``, ``left_out_from``,
-      ``left_out_reason``, ``late_cut_bytes``.
+      ``kernel_view`` (when the destination ended a TCP connection: ``acked``, ``reset``,
+      ``buffer_bound``; see docs/tap.md), ``parse_error``, and ``files``: per direction
+      ``file`` (or null), ``content`` (``exact``, ``ram_removed``, ``omitted``, ``empty``),
+      ``bytes_seen``, ``bytes_written``, and with ``ram_removed`` also ``bytes_removed``,
+      ``bytes_held``, ``left_out_from``, ``left_out_reason``, ``late_cut_bytes``.
 Any other file (``annotated.jsonl``) is listed in ``extra_files``.
 
 ``capture_ram="none"`` removes guest RAM contents, and nothing else, from the files: the main
