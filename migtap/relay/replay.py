@@ -230,13 +230,15 @@ class MainFeeder:
         except OSError as exc:
             raise _Closed(unread=exc.errno == errno.ECONNRESET) from exc
 
-    def _gone(self, mask: int) -> bool:
+    def _service(self, mask: int) -> None:
+        """Act on what poll said: read the return path; raise ``_Closed`` if the destination
+        is gone (hung up, or readable with nothing to read: it shut its side)."""
         if mask & _POLL_GONE:
-            return True
+            raise self._closed_now()
         if mask & _POLL_IN:
-            # readable with nothing to read: the destination shut its side (EOF)
-            return _ioctl_int(self.sock, SIOCINQ) == 0
-        return False
+            if _ioctl_int(self.sock, SIOCINQ) == 0:
+                raise self._closed_now()
+            self._read_return_path()
 
     def _closed_now(self) -> _Closed:
         """The destination is gone: did it leave bytes we wrote unread?"""
@@ -264,10 +266,7 @@ class MainFeeder:
         try:
             while data:
                 mask = self._tick(50)
-                if mask & _POLL_IN:
-                    self._read_return_path()
-                if self._gone(mask):
-                    raise self._closed_now()
+                self._service(mask)
                 if mask & _POLL_OUT:
                     try:
                         n = self.sock.send(data)
@@ -287,10 +286,7 @@ class MainFeeder:
         while True:
             outq = _ioctl_int(self.sock, SIOCOUTQ)
             mask = self._tick(0)
-            if mask & _POLL_IN:
-                self._read_return_path()
-            if self._gone(mask):
-                raise self._closed_now()
+            self._service(mask)
             if outq == 0:  # measured before the poll said the destination was still there
                 self.consumed = self.written
                 self._progress_at = time.monotonic()
@@ -308,10 +304,7 @@ class MainFeeder:
         deadline = time.monotonic() + self.linger_s
         while time.monotonic() < deadline:
             mask = self._tick(20)
-            if mask & _POLL_IN:
-                self._read_return_path()
-            if self._gone(mask):
-                raise self._closed_now()
+            self._service(mask)
             self._progress_at = time.monotonic()
 
     # -- the two ways

@@ -159,6 +159,9 @@ async def test_device_mismatch_names_the_section(tmp_path: Path, make_relay: Any
     assert at["idstr"].endswith(".0/virtio-rng")
     assert at["instance_id"] == 0
     assert at["confirmed_by_destination"] is True
+    # It read the section's first byte and stopped inside it; the record after it never began.
+    assert at["offset"] < doc["bytes_consumed"] <= at["end"]
+    assert doc["records_started"] < doc["records_total"]
     unknown = [line for line in doc["destination_error"] if "Unknown savevm section" in line]
     assert unknown
     assert f"'{at['idstr']}' 0" in unknown[0]
@@ -239,3 +242,64 @@ async def test_multifd_capture_replays(
     assert doc["needs"]["parameters"]["multifd-channels"] == 2
     assert [c["kind"] for c in doc["channels"]] == ["main", "multifd", "multifd"]
     assert all(c.get("error") is None for c in doc["channels"])
+
+
+async def listening_destination(
+    tmp_path: Path, uri: str, *, caps: dict[str, bool] | None = None, extra: list[str] | None = None
+) -> tuple[Vm, str]:
+    """A destination the test starts (``-incoming defer``), listening on ``uri``; returns it and
+    the address for ``--to``."""
+    vm = Vm("listening", tmp_path, mem_mib=64, incoming=True, extra=list(extra or []))
+    await vm.start()
+    await vm.set_capabilities(**(caps or {}))
+    await vm.cmd("migrate-incoming", uri=uri)
+    if uri.startswith("unix:"):
+        return vm, uri
+    info = await vm.query_migrate()
+    return vm, f"127.0.0.1:{info['socket-address'][0]['port']}"
+
+
+def replay_to(capture: Path, address: str) -> tuple[int, dict[str, Any]]:
+    done = subprocess.run(
+        [sys.executable, "-m", "migtap", "replay", str(capture), "--json", "--to", address],
+        capture_output=True, text=True, check=False, timeout=120,
+    )  # fmt: skip
+    assert done.stdout, done.stderr
+    return done.returncode, json.loads(done.stdout)
+
+
+async def test_to_tcp_reads_the_return_path(tmp_path: Path, make_relay: Any) -> None:
+    """Over TCP at full speed: the destination's SHUT 0 on the return path says it loaded."""
+    d, info, source_ram = await capture(
+        tmp_path, make_relay, random_mib=4, caps={"return-path": True}, source_ram=True
+    )
+    assert info["status"] == "completed"
+    vm, address = await listening_destination(tmp_path, "tcp:127.0.0.1:0")
+    try:
+        code, doc = replay_to(d, address)
+        assert code == 0, doc
+        assert doc["outcome"] == "loaded"
+        assert doc["shut"] == 0
+        assert [m["kind"] for m in doc["return_path"]][-1] == "RpShut"
+        assert doc["bytes_written"] == doc["bytes_total"]
+        assert doc["failed_at"] is None  # not located over TCP
+        done = await wait_migration(vm, timeout_s=30, statuses={"completed", "failed"})
+        assert done["status"] == "completed"
+        assert await vm.ram_sha256() == source_ram
+    finally:
+        await vm.stop()
+
+
+async def test_to_unix_names_the_section(tmp_path: Path, make_relay: Any) -> None:
+    """Over a unix socket even a destination migtap did not start is fed record by record."""
+    d, _, _ = await capture(tmp_path, make_relay, src_extra=["-device", "virtio-rng-pci"])
+    vm, address = await listening_destination(tmp_path, f"unix:{tmp_path / 'in.sock'}")
+    try:
+        code, doc = replay_to(d, address)
+    finally:
+        await vm.stop()
+    assert code == 1, doc
+    assert doc["outcome"] == "failed"
+    assert doc["failed_at"]["idstr"].endswith("/virtio-rng")
+    assert doc["destination_error"] == []  # its stderr is the test's, not migtap's
+    assert "virtio-rng" in vm.log_path.read_text()
