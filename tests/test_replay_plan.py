@@ -202,6 +202,7 @@ def test_explain_an_unknown_section(tmp_path: Path) -> None:
         (["replay", "{d}", "--to", "h:1", "--keep"], "--keep goes with --qemu"),
         (["replay", "{d}", "--to", "h:1", "--", "qemu"], "needs --qemu"),
         (["replay", "{d}/nonexistent", "--to", "h:1"], "not a capture directory"),
+        (["replay", "{d}", "--qemu", "--", "/nonexistent/qemu"], "cannot start the destination"),
     ],
 )
 def test_bad_usage_exits_2_with_one_line(
@@ -220,3 +221,13 @@ def test_postcopy_capture_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[
     err = capsys.readouterr().err
     assert "postcopy cannot be replayed faithfully" in err
     assert "MIG_CMD_PACKAGED" in err
+
+
+def test_nothing_listening_is_one_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = make_capture(tmp_path, precopy())
+    assert main(["replay", str(d), "--to", f"unix:{tmp_path / 'nobody.sock'}"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot connect" in err
+    assert err.count("\n") == 1

@@ -599,6 +599,12 @@ def _fields(e: object) -> dict[str, Any]:
 # -- replay into a listening destination -----------------------------------------------------------
 
 
+def _linger_s(plan: Plan, timeout_s: float) -> float:
+    """How long to wait for the destination to finish after the last byte: a cut capture
+    leaves it waiting for bytes that will never come, so not long."""
+    return timeout_s if plan.complete else min(timeout_s, 2.0)
+
+
 async def _connect_all(
     plan: Plan, target: Target, feeder_args: dict[str, Any], timeout_s: float
 ) -> tuple[MainFeeder, list[tuple[socket.socket, Path]]]:
@@ -662,7 +668,7 @@ async def replay_to(plan: Plan, target: Target, *, stall_s: float, linger_s: flo
     """Replay into a destination that listens at ``target``."""
     t0 = time.monotonic()
     result, channels, _ = await _feed(
-        plan, target, {"stall_s": stall_s, "linger_s": linger_s}, timeout_s=10
+        plan, target, {"stall_s": stall_s, "linger_s": _linger_s(plan, linger_s)}, timeout_s=3
     )
     report = Report("unknown", plan, f"--to {target}", progress=result.progress)
     report.channels = channels
@@ -703,14 +709,18 @@ async def replay_qemu(  # noqa: C901, PLR0912, PLR0915
     qmp_path, mig_path, log_path = tmp / "qmp.sock", tmp / "migrate.sock", tmp / "qemu.log"
     command = [*argv, "-incoming", "defer", "-qmp", f"unix:{qmp_path},server=on,wait=off"]
     paused = "-S" in argv
-    with log_path.open("wb") as errlog:
-        proc = subprocess.Popen(  # noqa: ASYNC220, S603 - a short spawn; the user's own command
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=errlog,
-            start_new_session=keep,
-        )
+    try:
+        with log_path.open("wb") as errlog:
+            proc = subprocess.Popen(  # noqa: ASYNC220, S603 - a short spawn; the user's command
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=errlog,
+                start_new_session=keep,
+            )
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DestinationDidNotStart(f"cannot start the destination QEMU: {exc}") from exc
     log.info("replay_destination_started", pid=proc.pid, argv=command)
     qmp = Qmp()
     report = Report("failed", plan, "--qemu")
@@ -745,7 +755,7 @@ async def replay_qemu(  # noqa: C901, PLR0912, PLR0915
         result, channels, status = await _feed(
             plan,
             Target(path=str(mig_path)),
-            {"stall_s": stall_s, "linger_s": timeout_s},
+            {"stall_s": stall_s, "linger_s": _linger_s(plan, timeout_s)},
             timeout_s=10,
             watch=watch,
         )
