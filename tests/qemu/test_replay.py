@@ -187,9 +187,19 @@ async def test_smaller_destination_names_the_ram_block(tmp_path: Path, make_rela
     assert sub["in_block_list"] == 256 * MiB
     assert sub["destination_size"] == 128 * MiB
     assert at["confirmed_by_destination"] is True
+    assert at["offset"] < doc["bytes_consumed"] <= at["end"]
     assert any(
         "Size mismatch: pc.ram: 0x10000000 != 0x8000000" in x for x in doc["destination_error"]
     )
+    # The capture is cut (the live destination failed early): a destination of the right size
+    # reads all of it without failing, and the report says the capture ended first.
+    assert doc["capture_complete"] is False
+    code, doc, stderr = replay(d, qemu_argv(HOST_QEMU, mem_mib=256))
+    assert code == 1, (doc, stderr)
+    assert doc["outcome"] == "incomplete"
+    assert doc["failed_at"] is None
+    assert doc["bytes_consumed"] == doc["bytes_total"]
+    assert doc["_wall_s"] < 20
 
 
 @pytest.mark.qemu10
