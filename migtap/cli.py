@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from migtap import __version__, analyze, check
+from migtap import __version__, analyze, check, report
 from migtap.config import CHOICES, Config, build_config, load_toml
 from migtap.errors import ConfigError, MigtapError
 from migtap.log import configure_logging
@@ -157,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_arguments(c)
     c.set_defaults(run=check.run)
+
+    p = sub.add_parser(
+        "report",
+        help="write one self-contained HTML page that shows a captured migration",
+        description="Write an HTML report of a capture directory: timeline, rounds, device "
+        "state, outcome, QEMU versions, completeness, failure. Needs matplotlib (migtap[report]).",
+    )
+    report.add_arguments(p)
+    p.set_defaults(run=report.run)
     return parser
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One-time set-up on a fresh machine: QEMU and socat from Debian, then a venv with migtap and its
-# test and lint extras. Safe to run again; it only installs what is missing.
+# One-time set-up on a fresh machine: QEMU, socat and Chromium from Debian, then a venv with migtap
+# and its test and lint extras. Safe to run again; it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,12 +8,14 @@ need_apt=()
 command -v qemu-system-x86_64 >/dev/null 2>&1 || need_apt+=(qemu-system-x86)
 command -v qemu-img >/dev/null 2>&1 || need_apt+=(qemu-utils)
 command -v socat >/dev/null 2>&1 || need_apt+=(socat)
+command -v tmux >/dev/null 2>&1 || need_apt+=(tmux)  # tests/test_live_view.py: a real terminal
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)  # tests/qemu/test_report.py
 if [ ${#need_apt[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   echo "setup: installing ${need_apt[*]} from Debian" >&2
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-system-x86 qemu-utils socat >/dev/null
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
 if [ ! -x .venv/bin/python ]; then
