@@ -15,12 +15,13 @@ import structlog
 from migtap import __version__, analyze, check, report
 from migtap.config import CHOICES, Config, build_config, load_toml
 from migtap.errors import ConfigError, MigtapError
-from migtap.log import configure_logging
+from migtap.log import configure_logging, progress_mode
 from migtap.relay import replay as replay_cmd
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
+    from migtap.observers.live_view import LiveView
     from migtap.tap import TapSettings
 
 EXIT_USAGE = 2
@@ -128,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between progress lines (default 1)",
     )
     tap.add_argument(
+        "--progress",
+        choices=CHOICES["progress"],
+        default=None,
+        help="bar: a live line per migration at the bottom of the terminal; log: "
+        "migration_progress lines; auto (default): bar when stderr is a terminal",
+    )
+    tap.add_argument(
         "--no-tap", action="store_true", help="relay only: no parsing, no capture, no progress"
     )
     listen.set_defaults(run=_run_listen)
@@ -193,6 +201,7 @@ def listen_config(args: argparse.Namespace) -> Config:
         "vmdesc",
         "page_size",
         "progress_interval_s",
+        "progress",
     ):
         value = getattr(args, key)
         if value is not None:
@@ -210,12 +219,25 @@ def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
 
 def _run_listen(args: argparse.Namespace) -> int:
     config = listen_config(args)
-    configure_logging(config.log_format, config.log_level)  # type: ignore[arg-type]
-    with asyncio.Runner(loop_factory=_loop_factory(config.loop)) as runner:
-        return runner.run(serve(config, tap=not args.no_tap))
+    mode, why_not = progress_mode(config.progress, config.log_format)
+    if mode == "log" or args.no_tap:
+        configure_logging(config.log_format, config.log_level)  # type: ignore[arg-type]
+        if why_not is not None:
+            structlog.get_logger("migtap").info(
+                "live_view_unavailable", reason=why_not, progress="log"
+            )
+        with asyncio.Runner(loop_factory=_loop_factory(config.loop)) as runner:
+            return runner.run(serve(config, tap=not args.no_tap))
+    from migtap.observers.live_view import LiveView  # noqa: PLC0415 - rich, only on a terminal
+
+    with LiveView() as view:
+        fmt: Any = config.log_format  # checked against CHOICES: a LogFormat
+        configure_logging(fmt, config.log_level, console=view.console)
+        with asyncio.Runner(loop_factory=_loop_factory(config.loop)) as runner:
+            return runner.run(serve(config, live_view=view))
 
 
-def tap_settings(config: Config) -> TapSettings:
+def tap_settings(config: Config, live_view: LiveView | None = None) -> TapSettings:
     """The tap's settings from the config; reads --vmdesc now so a bad file fails at start."""
     from migtap.annotate.vmsd import VmDescription  # noqa: PLC0415
     from migtap.errors import StreamError  # noqa: PLC0415
@@ -234,15 +256,17 @@ def tap_settings(config: Config) -> TapSettings:
         vmdesc=vmdesc,
         progress_interval_s=config.progress_interval_s,
         config={k: str(v) for k, v in asdict(config).items()},
+        live_view=live_view,
     )
 
 
-async def serve(config: Config, *, tap: bool = True) -> int:
+async def serve(config: Config, *, tap: bool = True, live_view: LiveView | None = None) -> int:
     from migtap.relay.server import Relay  # noqa: PLC0415 - keep `migtap --help` light
 
     log = structlog.get_logger("migtap")
     loop = asyncio.get_running_loop()
-    async with Relay(config, tap=tap_settings(config) if tap else None) as relay:
+    settings = tap_settings(config, live_view) if tap else None
+    async with Relay(config, tap=settings) as relay:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, relay.stop)
         await relay.wait_stopped()

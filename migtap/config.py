@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from migtap.errors import ConfigError
-from migtap.log import LEVELS
+from migtap.log import LEVELS, PROGRESS_MODES
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +78,7 @@ class Config:
     vmdesc: Path | None = None
     page_size: int = 4096
     progress_interval_s: float = 1.0
+    progress: str = "auto"  # auto, bar (the live view), log (migration_progress lines)
     allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
@@ -86,6 +87,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "log_format": ("auto", "console", "json"),
     "log_level": LEVELS,
     "capture_ram": ("full", "none"),
+    "progress": PROGRESS_MODES,
 }
 NUMBERS: dict[str, type] = {
     "grace_period_s": float,

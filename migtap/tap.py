@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from migtap.decode import Offload
     from migtap.model import Change, DeviceBatch, Migration
     from migtap.observers.base import Observer
+    from migtap.observers.live_view import LiveView
     from migtap.vocabulary import ChannelInfo, SessionSummary
     from migtap.wire.events import Event
     from migtap.wire.parser import Parser
@@ -56,6 +57,7 @@ class TapSettings:
     vmdesc: Desc | None = None
     progress_interval_s: float = 1.0
     config: dict[str, object] | None = None
+    live_view: LiveView | None = None  # the process-wide live view (--progress bar), if any
 
 
 class ChannelTap:

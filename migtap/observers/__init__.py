@@ -8,7 +8,9 @@ the one place they are made, from the settings, and the one place their order is
    ``annotated.jsonl`` through the capture, so it closes before the capture.
 2. ``ProgressObserver``: phases, rounds, progress lines; at close the ``migration_summary`` line
    (after every observer contributed to the summary).
-3. ``CaptureObserver`` last: at close it writes ``session.json`` with everything.
+3. ``LiveViewObserver`` (``--progress bar``): the session's line in the live view; at close
+   the session's one-line summary above it.
+4. ``CaptureObserver`` last: at close it writes ``session.json`` with everything.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from migtap.model import Migration
+    from migtap.observers.live_view import LiveView
     from migtap.vocabulary import Throttle
 
 log = structlog.get_logger("migtap.tap")
@@ -41,6 +44,7 @@ def build_observers(
     config: dict[str, Any] | None = None,
     throttle: Throttle,
     call_soon_threadsafe: Callable[[Callable[[], None]], object],
+    live_view: LiveView | None = None,
 ) -> list[Observer]:
     """The observers of one session, in close order (module docstring)."""
     capture: Observer | None = None
@@ -70,6 +74,10 @@ def build_observers(
         AnnotateObserver(migration, write_file=write_file),
         ProgressObserver(migration),
     ]
+    if live_view is not None:
+        from migtap.observers.live_view import LiveViewObserver  # noqa: PLC0415 - rich, on a tty
+
+        observers.append(LiveViewObserver(migration, live_view))
     if capture is not None:
         observers.append(capture)
     return observers

@@ -32,6 +32,20 @@ log = structlog.get_logger("migtap.progress")
 MiB: Final = 1024 * 1024
 
 
+def bulk_coverage(m: Migration, now: float) -> tuple[float | None, float | None]:
+    """In the bulk round: the share of guest RAM sent (%) and the time left at the round's pace
+    so far (s, None at 0 % or 100 %); ``(None, None)`` outside it."""
+    remaining = m.remaining_bulk_bytes()
+    rnd = m.round
+    if remaining is None or rnd is None:
+        return None, None
+    covered = 1 - remaining / m.ram_total
+    eta = None
+    if 0 < covered < 1:
+        eta = round((now - rnd.started) / covered * (1 - covered), 1)
+    return round(covered * 100, 1), eta
+
+
 class ProgressObserver(Observer):
     """Logs one session's progress and summary (module docstring)."""
 
@@ -127,13 +141,11 @@ class ProgressObserver(Observer):
         if rnd is not None:
             fields["round"] = rnd.number
             fields["round_pages"] = {"normal": rnd.normal, "zero": rnd.zero, "xbzrle": rnd.xbzrle}
-            remaining = m.remaining_bulk_bytes()
-            if remaining is not None:
-                covered = 1 - remaining / m.ram_total
-                fields["bulk_covered_pct"] = round(covered * 100, 1)
-                if 0 < covered < 1:
-                    spent = now - rnd.started
-                    fields["bulk_eta_s"] = round(spent / covered * (1 - covered), 1)
+            covered_pct, eta_s = bulk_coverage(m, now)
+            if covered_pct is not None:
+                fields["bulk_covered_pct"] = covered_pct
+                if eta_s is not None:
+                    fields["bulk_eta_s"] = eta_s
         self.log.info("migration_progress", **fields)
 
     def close(self, summary: SessionSummary) -> None:

@@ -128,6 +128,7 @@ class Relay:
             config=settings.config,
             throttle=session,
             call_soon_threadsafe=loop.call_soon_threadsafe,
+            live_view=settings.live_view,
         )
         jobs = self._jobs.setdefault(session.session_id, set())
 
