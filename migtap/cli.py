@@ -136,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
         "migration_progress lines; auto (default): bar when stderr is a terminal",
     )
     tap.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        default=None,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)",
+    )
+    tap.add_argument(
         "--no-tap", action="store_true", help="relay only: no parsing, no capture, no progress"
     )
     listen.set_defaults(run=_run_listen)
@@ -202,11 +208,15 @@ def listen_config(args: argparse.Namespace) -> Config:
         "page_size",
         "progress_interval_s",
         "progress",
+        "metrics_listen",
     ):
         value = getattr(args, key)
         if value is not None:
             values[key] = value
-    return build_config(values, file=file if args.config is not None else None)
+    config = build_config(values, file=file if args.config is not None else None)
+    if config.metrics_listen is not None and args.no_tap:
+        raise ConfigError("the metrics come from the tap: drop --no-tap", key="metrics_listen")
+    return config
 
 
 def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:

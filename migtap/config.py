@@ -80,6 +80,7 @@ class Config:
     progress_interval_s: float = 1.0
     progress: str = "auto"  # auto, bar (the live view), log (migration_progress lines)
     allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    metrics_listen: Address | None = None  # serve Prometheus /metrics here (off by default)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -141,7 +142,7 @@ def build_config(values: dict[str, Any], *, file: str | None = None) -> Config:
 
 
 def _check(key: str, value: object, file: str | None) -> object:
-    if key in ("listen", "forward"):
+    if key in ("listen", "forward", "metrics_listen"):
         if not isinstance(value, str):
             raise ConfigError("must be a string HOST:PORT", key=key, file=file)
         return parse_address(value, key=key, file=file)

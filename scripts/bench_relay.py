@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,7 @@ class RelayProc:
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.capture_dir: Path | None = None
+        self.metrics_port: int | None = None  # metrics_listen=HOST:PORT: not the relay's port
 
     def start(self) -> None:
         if self.kind.startswith("migtap"):
@@ -76,6 +78,10 @@ class RelayProc:
                 if key == "capture":  # a fresh directory per run, on the same disk as .cache
                     self.capture_dir = Path(tempfile.mkdtemp(prefix="capture-", dir=self.workdir))
                     value = str(self.capture_dir)
+                if key == "metrics_listen":  # port 0: pick one, so the relay's port is the other
+                    host, _, port = value.rpartition(":")
+                    self.metrics_port = int(port) or _free_port()
+                    value = f"{host}:{self.metrics_port}"
                 extra += [f"--{key.replace('_', '-')}"] + ([value] if value else [])
             self.proc = subprocess.Popen(
                 [
@@ -139,8 +145,9 @@ class RelayProc:
                 ["ss", "-Hltnp"], capture_output=True, text=True, check=False
             ).stdout
             for line in out.splitlines():
-                if f"pid={pid}," in line:
-                    return int(line.split()[3].rsplit(":", 1)[1])
+                port = int(line.split()[3].rsplit(":", 1)[1])
+                if f"pid={pid}," in line and port != self.metrics_port:
+                    return port
             time.sleep(0.05)
         raise RuntimeError(f"{self.kind} did not start listening")
 
@@ -166,7 +173,23 @@ class RelayProc:
                     todo += [int(c) for c in (task / "children").read_text().split()]
         return ticks / os.sysconf("SC_CLK_TCK")
 
+    def scrape_metrics(self) -> None:
+        """With metrics_listen: show that the relay counted what it relayed."""
+        if self.metrics_port is None:
+            return
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        deadline = time.monotonic() + 10
+        while True:  # the session ends a moment after the last byte: then the counters are final
+            with urllib.request.urlopen(url, timeout=10) as response:
+                text = response.read().decode()
+            if "migtap_migrations_active 0.0" in text or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        lines = [ln for ln in text.splitlines() if ln.startswith("migtap_bytes_total{")]
+        print(f"bench: {self.kind} metrics: {'; '.join(lines)}", file=sys.stderr)
+
     def stop(self) -> None:
+        self.scrape_metrics()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(
                 signal.SIGINT if self.kind.startswith("migtap") else signal.SIGTERM

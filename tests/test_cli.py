@@ -93,3 +93,78 @@ def test_sigterm_stops_cleanly_and_logs_json(tmp_path: Path, loop: str) -> None:
     events = [json.loads(line)["event"] for line in rest.splitlines()]
     assert "upstream_connect_failed" in events  # port 9 (discard) is closed here
     assert events[-1] == "stopped"
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--metrics-listen", "9464"], "metrics_listen: '9464' has no port"),
+        (["--metrics-listen", "127.0.0.1:0", "--no-tap"], "metrics_listen: "),
+    ],
+)
+def test_bad_metrics_listen_exits_2_with_one_clear_line(
+    argv: list[str], fragment: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["listen", "127.0.0.1:0", "--forward", "127.0.0.1:1", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("migtap: error: ")
+    assert fragment in err
+    assert err.count("\n") == 1
+
+
+def test_metrics_on_a_busy_port_exits_2_with_one_clear_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(
+            [
+                "listen",
+                "127.0.0.1:0",
+                "--forward",
+                "127.0.0.1:1",
+                "--log-format",
+                "json",
+                "--metrics-listen",
+                f"127.0.0.1:{port}",
+            ]
+        )
+    assert code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if not line.startswith("{")]  # the JSON logs aside
+    want = f"migtap: error: metrics_listen: cannot serve metrics on 127.0.0.1:{port}: "
+    assert lines == [want + "Address already in use"]
+
+
+def test_metrics_are_served_until_sigterm(tmp_path: Path) -> None:
+    import urllib.request
+
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "migtap", "listen", "127.0.0.1:0", "--forward", "127.0.0.1:9"),
+            *("--log-format", "json", "--metrics-listen", "127.0.0.1:0"),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stderr is not None
+        first = json.loads(proc.stderr.readline())
+        assert first["event"] == "metrics_listening"
+        with urllib.request.urlopen(first["url"], timeout=5) as response:
+            assert response.status == 200
+            assert response.headers["Content-Type"].startswith("text/plain")
+            text = response.read().decode()
+        assert "migtap_migrations_active 0.0" in text
+        assert 'migtap_migrations_total{outcome="completed"} 0.0' in text
+        assert "process_cpu_seconds_total" in text
+        proc.send_signal(signal.SIGTERM)
+        _, rest = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0
+    assert json.loads(rest.splitlines()[-1])["event"] == "stopped"

@@ -84,3 +84,23 @@ def test_low_mark_above_high_mark() -> None:
         build_config(
             {"listen": ":1", "forward": "h:2", "write_buffer_high": 10, "write_buffer_low": 20}
         )
+
+
+def test_metrics_listen_is_off_by_default_and_parsed_from_toml(tmp_path: Path) -> None:
+    base = {"listen": ":1", "forward": "h:2"}
+    assert build_config(base).metrics_listen is None
+    path = tmp_path / "m.toml"
+    path.write_text('listen = ":1"\nforward = "h:2"\nmetrics_listen = "127.0.0.1:9464"\n')
+    config = build_config(load_toml(path), file=str(path))
+    assert config.metrics_listen == Address("127.0.0.1", 9464)
+    assert build_config({**base, "metrics_listen": ":0"}).metrics_listen == Address(None, 0)
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"), [("9464", "no port"), (9464, "must be a string"), ("h:x", "number")]
+)
+def test_bad_metrics_listen_names_the_key(tmp_path: Path, value: object, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config({"listen": ":1", "forward": "h:2", "metrics_listen": value}, file="m.toml")
+    assert str(info.value).startswith("m.toml: metrics_listen: ")
+    assert fragment in str(info.value)

@@ -10,7 +10,9 @@ the one place they are made, from the settings, and the one place their order is
    (after every observer contributed to the summary).
 3. ``LiveViewObserver`` (``--progress bar``): the session's line in the live view; at close
    the session's one-line summary above it.
-4. ``CaptureObserver`` last: at close it writes ``session.json`` with everything.
+4. ``MetricsObserver`` (``--metrics-listen``): at close the counters reach the summary's
+   figures and the session's series go.
+5. ``CaptureObserver`` last: at close it writes ``session.json`` with everything.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
 
     from migtap.model import Migration
     from migtap.observers.live_view import LiveView
+    from migtap.observers.metrics import MigtapMetrics
     from migtap.vocabulary import Throttle
 
 log = structlog.get_logger("migtap.tap")
@@ -45,10 +48,12 @@ def build_observers(
     throttle: Throttle,
     call_soon_threadsafe: Callable[[Callable[[], None]], object],
     live_view: LiveView | None = None,
+    metrics: MigtapMetrics | None = None,
 ) -> list[Observer]:
     """The observers of one session, in close order (module docstring)."""
     capture: Observer | None = None
     write_file: Callable[[str, Callable[[], bytes]], None] | None = None
+    failure_hooks: list[Callable[[], None]] | None = None
     if capture_dir is not None:
         from migtap.observers.capture import CaptureObserver  # noqa: PLC0415 - only when capturing
 
@@ -70,6 +75,7 @@ def build_observers(
             )
         else:
             capture, write_file = made, made.write_file
+            failure_hooks = made.failure_hooks
     observers: list[Observer] = [
         AnnotateObserver(migration, write_file=write_file),
         ProgressObserver(migration),
@@ -78,6 +84,13 @@ def build_observers(
         from migtap.observers.live_view import LiveViewObserver  # noqa: PLC0415 - rich, on a tty
 
         observers.append(LiveViewObserver(migration, live_view))
+    if metrics is not None:
+        from migtap.observers.metrics import MetricsObserver  # noqa: PLC0415 - only when serving
+
+        counting = MetricsObserver(migration, metrics)
+        observers.append(counting)
+        if failure_hooks is not None:
+            failure_hooks.append(counting.capture_failed)
     if capture is not None:
         observers.append(capture)
     return observers

@@ -144,6 +144,8 @@ class CaptureObserver(Observer):
         self._extra_files: list[str] = []
         self._summary: dict[str, Any] = {}
         self._closed = False
+        #: Called on the loop when the writer fails (``capture_failed``), e.g. by the metrics.
+        self.failure_hooks: list[Callable[[], None]] = []
         self.writer = CaptureWriter(
             self.directory,
             throttle=throttle,
@@ -363,6 +365,8 @@ class CaptureObserver(Observer):
 
     def _on_writer_failed(self) -> None:
         """On the loop, after ``capture_failed`` was logged: say so on disk, best effort."""
+        for hook in self.failure_hooks:
+            hook()
         if not self._closed:
             self._write_session()
 

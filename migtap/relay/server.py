@@ -16,6 +16,7 @@ from migtap.errors import RelayError
 from migtap.model import Migration
 from migtap.observers import build_observers
 from migtap.observers.capture import CaptureObserver
+from migtap.relay.metrics_server import MetricsServer
 from migtap.relay.pipe import Pipe, Tuning
 from migtap.relay.session import Session, SessionRegistry, fmt_addr, host_of
 from migtap.tap import SessionTap, TapSettings
@@ -60,6 +61,10 @@ class Relay:
         self.sessions_ended: collections.deque[Session] = collections.deque(maxlen=256)
         #: Device-state decoding jobs in flight, per session (closing waits for them).
         self._jobs: dict[int, set[asyncio.Future[DeviceBatch]]] = {}
+        #: ``--metrics-listen``: the Prometheus endpoint, from ``start()`` to ``shutdown()``.
+        self.metrics_server = (
+            MetricsServer(config.metrics_listen) if config.metrics_listen is not None else None
+        )
 
     # -- lifecycle --------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
@@ -83,6 +88,8 @@ class Relay:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         host = self.config.listen.host
+        if self.metrics_server is not None:
+            await self.metrics_server.start()
         try:
             self._server = await loop.create_server(
                 self._accept,
@@ -92,6 +99,8 @@ class Relay:
                 backlog=128,
             )
         except OSError as exc:
+            if self.metrics_server is not None:
+                await self.metrics_server.stop()
             raise RelayError(f"cannot listen on {self.config.listen}: {exc.strerror}") from exc
         if self.tap_settings is not None:
             self._tg.create_task(self._tick())
@@ -129,6 +138,7 @@ class Relay:
             throttle=session,
             call_soon_threadsafe=loop.call_soon_threadsafe,
             live_view=settings.live_view,
+            metrics=None if self.metrics_server is None else self.metrics_server.metrics,
         )
         jobs = self._jobs.setdefault(session.session_id, set())
 
@@ -193,6 +203,8 @@ class Relay:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(5):
                     await self._server.wait_closed()
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
         log.info("stopped")
 
     # -- connections ------------------------------------------------------------------------
