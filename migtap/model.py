@@ -255,7 +255,7 @@ class Convergence:
     converging: bool
     rounds: tuple[int, ...]  # the round numbers judged
     round_pages: tuple[int, ...]
-    working_set_bytes: int  # pages of the last round judged, as bytes
+    working_set_bytes: int  # the most pages of a round judged, as bytes
     dirty_rate_bytes_s: float  # the guest: what it dirtied during a round, per second
     transfer_rate_bytes_s: float  # the wire, during the last round judged
     expected_downtime_ms: float  # the working set at the transfer rate
@@ -290,8 +290,8 @@ Change = (
 )
 
 #: Rounds after the bulk round that a judgment looks at.
-JUDGED_ROUNDS: Final = 3
-#: "Not falling": a round with at least this share of the pages of the round before it.
+JUDGED_ROUNDS: Final = 4
+#: "Not falling": the last two rounds hold at least this share of the pages of the two before.
 NOT_FALLING: Final = 0.9
 #: "Dirty rate at or above the transfer rate", with this much slack for measuring noise.
 RATE_SLACK: Final = 0.9
@@ -477,8 +477,6 @@ class Migration:
         self.now = now
         changes: list[Change] = []
         from_source = direction is Direction.SRC_TO_DST
-        if from_source:
-            self._note_wire(channel, event)
         if self.generation.observe(event, from_source=from_source):
             changes.append(
                 self._generation_change(Peer.SOURCE if from_source else Peer.DESTINATION)
@@ -547,6 +545,8 @@ class Migration:
                 pass  # in the capture's index; nothing to count (yet)
             case _:
                 assert_never(event)
+        if from_source:  # after: a round that this event starts begins where the wire was
+            self._note_wire(channel, event)
         return changes
 
     # -- reducer helpers -----------------------------------------------------------------------
@@ -669,37 +669,37 @@ class Migration:
 
     def _judge(self, changes: list[Change]) -> None:
         """Is precopy converging? Over the last ``JUDGED_ROUNDS`` finished rounds after the bulk
-        round (each one a round QEMU chose to start rather than stop the VM): not when the last
-        has at least ``NOT_FALLING`` of the pages of the first, and the guest dirtied pages (the
-        later rounds', during the rounds before them) at least about as fast as the wire carried
-        the later rounds. Rates are taken over pairs of rounds: a rate-limited QEMU sends in
-        bursts, so one round alone can take no time at all. Reported once, then again only when
-        the picture changes by more than ``PICTURE_CHANGE``."""
+        round (each a round QEMU chose to start rather than stop the VM): not when the last two
+        hold at least ``NOT_FALLING`` of the pages of the two before them, and the guest dirtied
+        pages (the later rounds', during the rounds before them) at least about as fast as the
+        wire carried the later rounds. Pairs and runs of rounds, not single ones: a
+        bandwidth-limited QEMU sends in bursts, so one round can take no time at all and the
+        next catch only a few pages. Reported once, then again only when the picture changes by
+        more than ``PICTURE_CHANGE``."""
         done = [r for r in self.rounds if r.number > 1 and r.ended is not None]
         if len(done) < JUDGED_ROUNDS:
             return
         last = done[-JUDGED_ROUNDS:]
-        first, final = last[0], last[-1]
-        earlier = last[:-1]
-        later = last[1:]
+        earlier, later = last[:-1], last[1:]
         earlier_s = sum(r.duration_s(self.now) for r in earlier)
         later_s = sum(r.duration_s(self.now) for r in later)
         wire = [r.wire_bytes for r in later]
         if earlier_s <= 0 or later_s <= 0 or None in wire:
             return
-        later_pages = sum(r.pages for r in later)
-        dirty = later_pages * self.page_size / earlier_s
+        pages = tuple(r.pages for r in last)
+        dirty = sum(r.pages for r in later) * self.page_size / earlier_s
         transfer = sum(w for w in wire if w is not None) / later_s
-        falling = final.pages < NOT_FALLING * first.pages
+        falling = pages[-1] + pages[-2] < NOT_FALLING * (pages[-3] + pages[-4])
+        working_set = max(pages) * self.page_size
         judgment = Convergence(
             converging=falling or dirty < RATE_SLACK * transfer,
             rounds=tuple(r.number for r in last),
-            round_pages=tuple(r.pages for r in last),
-            working_set_bytes=final.pages * self.page_size,
+            round_pages=pages,
+            working_set_bytes=working_set,
             dirty_rate_bytes_s=dirty,
             transfer_rate_bytes_s=transfer,
             # the working set at the wire's rate: how long stopping the VM now would take
-            expected_downtime_ms=final.pages * self.page_size / transfer * 1000,
+            expected_downtime_ms=working_set / transfer * 1000,
         )
         self.convergence = judgment
         if not judgment.converging and _picture_changed(self._warned, judgment):

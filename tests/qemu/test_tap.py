@@ -192,9 +192,6 @@ async def multifd_capture(
             params={"multifd_channels": 4},
         )
         await pair.assert_ram_identical()
-    recorded = [e["ram_xbzrle_pages"] for e in logs if e["event"] == "migration_summary"]
-    if recorded != [] and recorded[0] == 0:
-        return None  # a starved guest dirtied nothing between two syncs: try again
     return info, logs, capture_dir(root)
 
 
