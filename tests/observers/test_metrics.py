@@ -263,15 +263,15 @@ def test_a_migration_that_does_not_converge_shows_it() -> None:
     sess = Session(MigtapMetrics(registry))
     labels = {"session": "1", "source": "10.0.0.5"}
     sess.send(opening() + bulk_part(0, RAM_PAGES), at=T0 + 0.5)
-    for n in range(4):  # rounds 2..5, each the same 8 pages a second later: the guest keeps up
+    for n in range(5):  # rounds 2..6, each the same 8 pages a second later: the guest keeps up
         sess.send(dirty_round(8), at=T0 + 1.5 + n)
         sess.tick(T0 + 2.0 + n)
-    assert value(registry, "migtap_migration_round", **labels) == 5
+    assert value(registry, "migtap_migration_round", **labels) == 6  # rounds 2..5 judged
     assert value(registry, "migtap_migration_converging", **labels) == 0
     downtime = value(registry, "migtap_migration_expected_downtime_seconds", **labels)
     assert downtime is not None
     assert downtime > 0
-    summary = sess.close(at=T0 + 6.0)  # cancelled: it never reached stop-and-copy
+    summary = sess.close(at=T0 + 7.0)  # cancelled: it never reached stop-and-copy
     assert summary.fields["converging"] is False
     assert value(registry, "migtap_migrations_not_converging_total") == 1
     assert value(registry, "migtap_migration_converging", **labels) is None
