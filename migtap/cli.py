@@ -51,9 +51,23 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     listen.add_argument(
-        "listen", nargs="?", help="HOST:PORT, [IPV6]:PORT, or :PORT (all interfaces)"
+        "listen",
+        nargs="?",
+        help="HOST:PORT, [IPV6]:PORT, :PORT (all interfaces), HOST:FIRST-LAST (one listener "
+        "per port) or unix:PATH",
     )
-    listen.add_argument("--forward", "-f", help="the destination QEMU's -incoming HOST:PORT")
+    listen.add_argument(
+        "--forward",
+        "-f",
+        help="the destination QEMU's -incoming address: HOST:PORT, unix:PATH, or HOST alone "
+        "(the port the connection came in on)",
+    )
+    listen.add_argument(
+        "--listen-mode",
+        metavar="OCTAL",
+        default=None,
+        help="file mode of a unix:PATH listener (default 0600: owner only)",
+    )
     listen.add_argument("--config", "-c", type=Path, help="TOML file with the same option names")
     listen.add_argument(
         "--loop", choices=CHOICES["loop"], default=None, help="event loop (default: asyncio)"
@@ -209,6 +223,7 @@ def listen_config(args: argparse.Namespace) -> Config:
         "progress_interval_s",
         "progress",
         "metrics_listen",
+        "listen_mode",
     ):
         value = getattr(args, key)
         if value is not None:

@@ -61,8 +61,12 @@ def test_listen_on_busy_port_is_an_error(capsys: pytest.CaptureFixture[str]) -> 
         code = main(
             ["listen", f"127.0.0.1:{port}", "--forward", "127.0.0.1:1", "--log-format", "json"]
         )
-    assert code == 1
-    assert "cannot listen" in capsys.readouterr().err
+    assert code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if not line.startswith("{")]  # the JSON logs aside
+    assert lines == [
+        f"migtap: error: listen: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
@@ -168,3 +172,58 @@ def test_metrics_are_served_until_sigterm(tmp_path: Path) -> None:
             proc.kill()
     assert proc.returncode == 0
     assert json.loads(rest.splitlines()[-1])["event"] == "stopped"
+
+
+@pytest.mark.parametrize(
+    ("listen", "forward", "extra", "fragment"),
+    [
+        ("127.0.0.1:6-5", "127.0.0.2", [], "listen: port range '6-5' is reversed: FIRST > LAST"),
+        ("127.0.0.1:5-", "127.0.0.2", [], "listen: port range '5-' is empty"),
+        ("127.0.0.1:1000-3000", "127.0.0.2", [], "has 2001 ports; at most 1024"),
+        ("unix:/tmp/x.sock", "127.0.0.2", [], "forward: '127.0.0.2' has no port"),
+        ("unix:/tmp/x.sock", "h:1", ["--allow", "10.0.0.0/8"], "allow: filters TCP sources"),
+        ("127.0.0.1:0", "h:1", ["--listen-mode", "0660"], "listen_mode: is the file mode"),
+        ("unix:/tmp/x.sock", "h:1", ["--listen-mode", "rw"], "listen_mode: 'rw' is not an octal"),
+    ],
+)
+def test_bad_listen_forms_exit_2_with_one_clear_line(
+    listen: str, forward: str, extra: list[str], fragment: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["listen", listen, "--forward", forward, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("migtap: error: ")
+    assert fragment in err
+    assert err.count("\n") == 1
+
+
+def test_a_busy_port_in_a_range_exits_2_with_one_clear_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        listen = f"127.0.0.1:{port - 1}-{port + 1}"
+        code = main(["listen", listen, "--forward", "127.0.0.2", "--log-format", "json"])
+    assert code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if not line.startswith("{")]
+    want = f"migtap: error: listen: cannot listen on 127.0.0.1:{port} (of {listen}): "
+    assert lines == [want + "Address already in use"]
+
+
+def test_a_unix_socket_in_use_exits_2_with_one_clear_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="mt-") as d, socket.socket(socket.AF_UNIX) as live:
+        path = f"{d}/busy.sock"
+        live.bind(path)
+        live.listen()
+        code = main(["listen", f"unix:{path}", "--forward", "127.0.0.1:1", "--log-format", "json"])
+    assert code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if not line.startswith("{")]
+    assert len(lines) == 1
+    assert lines[0].startswith(f"migtap: error: listen: unix:{path} is in use: something listens")

@@ -4,7 +4,15 @@ from pathlib import Path
 
 import pytest
 
-from migtap.config import Address, build_config, load_toml, parse_address
+from migtap.config import (
+    Address,
+    UnixAddress,
+    build_config,
+    load_toml,
+    parse_address,
+    parse_forward,
+    parse_listen,
+)
 from migtap.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,3 +112,112 @@ def test_bad_metrics_listen_names_the_key(tmp_path: Path, value: object, fragmen
         build_config({"listen": ":1", "forward": "h:2", "metrics_listen": value}, file="m.toml")
     assert str(info.value).startswith("m.toml: metrics_listen: ")
     assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("127.0.0.1:4444", Address("127.0.0.1", 4444)),
+        ("127.0.0.1:49152-49215", Address("127.0.0.1", 49152, 49215)),
+        (":49152-49152", Address(None, 49152, 49152)),
+        ("[::1]:5000-5001", Address("::1", 5000, 5001)),
+        ("unix:/run/migtap/migtap.sock", UnixAddress(Path("/run/migtap/migtap.sock"))),
+        ("unix:rel.sock", UnixAddress(Path("rel.sock"))),
+    ],
+)
+def test_parse_listen(text: str, want: object) -> None:
+    assert parse_listen(text) == want
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("h:5-", "is empty"),
+        ("h:-5", "is empty"),
+        ("h:-", "is empty"),
+        ("h:6-5", "is reversed"),
+        ("h:0-5", "starts at 0"),
+        ("h:1000-2024", "has 1025 ports; at most 1024"),
+        ("h:5-x", "not a number"),
+        ("h:5-70000", "out of range"),
+        ("unix:", "no socket path"),
+        ("unix:@abstract", "abstract"),
+        ("unix:/" + "x" * 120, "at most 107 bytes"),
+        ("h", "has no port"),
+    ],
+)
+def test_bad_listen_names_the_key(text: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_listen(text)
+    assert str(info.value).startswith("listen: ")
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("dest:4445", Address("dest", 4445)),
+        ("dest", Address("dest", None)),
+        ("127.0.0.2", Address("127.0.0.2", None)),
+        ("[::1]", Address("::1", None)),
+        (":4445", Address(None, 4445)),
+        ("unix:/run/dst.sock", UnixAddress(Path("/run/dst.sock"))),
+    ],
+)
+def test_parse_forward(text: str, want: object) -> None:
+    assert parse_forward(text) == want
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"), [("dest:1-2", "a port range is for listen"), ("", "no address")]
+)
+def test_bad_forward(text: str, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        parse_forward(text)
+
+
+def test_address_strings() -> None:
+    assert str(Address("127.0.0.2", None)) == "127.0.0.2"
+    assert str(Address(None, 1, 3)) == "*:1-3"
+    assert str(Address("::1", 1, 3)) == "[::1]:1-3"
+    assert list(Address("h", 7, 9).ports) == [7, 8, 9]
+    assert list(Address("h", 7).ports) == [7]
+    assert str(UnixAddress(Path("/a.sock"))) == "unix:/a.sock"
+
+
+@pytest.mark.parametrize(
+    ("values", "key", "fragment"),
+    [
+        (
+            {"listen": "unix:/a.sock", "forward": "dest"},
+            "forward",
+            "unix socket listener gives none",
+        ),
+        ({"listen": "unix:/a.sock", "forward": "d:1", "allow": "10.0.0.0/8"}, "allow", "TCP"),
+        ({"listen": ":1", "forward": "d:1", "listen_mode": "0660"}, "listen_mode", "is TCP"),
+        ({"listen": "unix:/a", "forward": "d:1", "listen_mode": "0999"}, "listen_mode", "octal"),
+        (
+            {"listen": "unix:/a", "forward": "d:1", "listen_mode": "01777"},
+            "listen_mode",
+            "0000-0777",
+        ),
+        ({"listen": "unix:/a", "forward": "d:1", "listen_mode": "0060"}, "listen_mode", "owner"),
+        ({"listen": "unix:/a", "forward": "d:1", "listen_mode": 1.5}, "listen_mode", "octal"),
+    ],
+)
+def test_bad_combinations(values: dict[str, object], key: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config(values, file="x.toml")
+    assert str(info.value).startswith(f"x.toml: {key}: ")
+    assert fragment in str(info.value)
+
+
+def test_listen_mode_from_toml_string_or_octal_integer(tmp_path: Path) -> None:
+    base = {"listen": "unix:/a.sock", "forward": "d:1"}
+    assert build_config(base).listen_mode is None
+    assert build_config({**base, "listen_mode": "0660"}).listen_mode == 0o660
+    path = tmp_path / "m.toml"
+    path.write_text('listen = "unix:/a.sock"\nforward = "d:1"\nlisten_mode = 0o640\n')
+    assert build_config(load_toml(path), file=str(path)).listen_mode == 0o640
+    # a port-less forward with a TCP listener (range or not) is fine
+    assert build_config({"listen": ":5-6", "forward": "d"}).forward == Address("d", None)

@@ -55,7 +55,7 @@ class MetricsServer:
         host = self.address.host if self.address.host is not None else "0.0.0.0"  # noqa: S104 - ":PORT" asks for every interface
         try:
             self._httpd, self._thread = await asyncio.to_thread(
-                start_http_server, self.address.port, host, self.registry
+                start_http_server, self.address.port or 0, host, self.registry
             )
         except OSError as exc:
             raise ConfigError(

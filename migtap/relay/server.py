@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import ipaddress
+import os
 import socket
+import stat
 import time
 from typing import TYPE_CHECKING, Self
 
 import structlog
 
-from migtap.errors import RelayError
+from migtap.config import DEFAULT_LISTEN_MODE, Address, UnixAddress
+from migtap.errors import ConfigError
 from migtap.model import Migration
 from migtap.observers import build_observers
 from migtap.observers.capture import CaptureObserver
@@ -23,6 +27,7 @@ from migtap.tap import SessionTap, TapSettings
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from pathlib import Path
     from types import TracebackType
 
     from migtap.config import Config
@@ -53,9 +58,12 @@ class Relay:
         )
         self.pipes: dict[int, Pipe] = {}
         self._next_pipe = 1
-        self._server: asyncio.Server | None = None
+        self._servers: list[asyncio.Server] = []
+        #: A unix listener's socket file, with its (st_dev, st_ino): removed on exit if unchanged.
+        self._unix_socket: tuple[Path, tuple[int, int]] | None = None
         self._tg = asyncio.TaskGroup()
-        self._connect_locks: dict[str, asyncio.Lock] = {}
+        #: Per (source host, listener): connections go upstream in the order they came in.
+        self._connect_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._stopping = asyncio.Event()
         self._closing = False
         self.sessions_ended: collections.deque[Session] = collections.deque(maxlen=256)
@@ -87,38 +95,100 @@ class Relay:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        host = self.config.listen.host
+        listen = self.config.listen
         if self.metrics_server is not None:
             await self.metrics_server.start()
         try:
-            self._server = await loop.create_server(
-                self._accept,
-                host=host,
-                port=self.config.listen.port,
-                reuse_address=True,
-                backlog=128,
-            )
-        except OSError as exc:
+            if isinstance(listen, UnixAddress):
+                await self._listen_unix(loop, listen)
+            else:
+                await self._listen_tcp(loop, listen)
+        except BaseException:
+            await self._close_listeners()
             if self.metrics_server is not None:
                 await self.metrics_server.stop()
-            raise RelayError(f"cannot listen on {self.config.listen}: {exc.strerror}") from exc
+            raise
         if self.tap_settings is not None:
             self._tg.create_task(self._tick())
+        extra: dict[str, object] = {}
+        if isinstance(listen, UnixAddress):
+            shown = [str(listen)]
+            extra["mode"] = f"{self.config.listen_mode or DEFAULT_LISTEN_MODE:04o}"
+        elif listen.last_port is not None:
+            shown = [str(listen)]
+            extra["ports"] = len(listen.ports)
+        else:
+            shown = [fmt_addr(s.getsockname()) or "?" for srv in self._servers for s in srv.sockets]
         log.info(
             "listening",
-            listen=[fmt_addr(s.getsockname()) for s in self._server.sockets],
+            listen=shown,
             forward=str(self.config.forward),
             loop=type(loop).__module__.split(".")[0],
+            **extra,
         )
+
+    async def _listen_tcp(self, loop: asyncio.AbstractEventLoop, listen: Address) -> None:
+        """One listener per port (``HOST:FIRST-LAST``); any port that fails fails them all."""
+        for port in listen.ports:
+            label = str(Address(listen.host, port))
+            try:
+                server = await loop.create_server(
+                    functools.partial(self._accept, label),
+                    host=listen.host,
+                    port=port,
+                    reuse_address=True,
+                    backlog=128,
+                )
+            except OSError as exc:
+                where = label if listen.last_port is None else f"{label} (of {listen})"
+                raise ConfigError(f"cannot listen on {where}: {why(exc)}", key="listen") from exc
+            self._servers.append(server)
+
+    async def _listen_unix(self, loop: asyncio.AbstractEventLoop, listen: UnixAddress) -> None:
+        mode = self.config.listen_mode or DEFAULT_LISTEN_MODE
+        sock = bind_unix(listen.path, mode)
+        st = listen.path.stat()
+        self._unix_socket = (listen.path, (st.st_dev, st.st_ino))
+        try:
+            server = await loop.create_unix_server(
+                functools.partial(self._accept, str(listen)), sock=sock, backlog=128
+            )
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(f"cannot listen on {listen}: {why(exc)}", key="listen") from exc
+        self._servers.append(server)
+
+    async def _close_listeners(self) -> None:
+        for server in self._servers:
+            server.close()
+        for server in self._servers:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    await server.wait_closed()
+        if self._unix_socket is not None:
+            path, ident = self._unix_socket
+            self._unix_socket = None
+            remove_unix_socket(path, ident)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
-        assert self._server is not None
-        return [s.getsockname()[:2] for s in self._server.sockets]
+        """The TCP addresses listened on (none for a unix socket)."""
+        return [
+            s.getsockname()[:2]
+            for srv in self._servers
+            for s in srv.sockets
+            if s.family in (socket.AF_INET, socket.AF_INET6)
+        ]
 
     @property
     def port(self) -> int:
         return self.addresses[0][1]
+
+    @property
+    def unix_path(self) -> Path | None:
+        """A unix listener's socket file."""
+        listen = self.config.listen
+        return listen.path if isinstance(listen, UnixAddress) else None
 
     def stop(self) -> None:
         self._stopping.set()
@@ -189,8 +259,8 @@ class Relay:
     async def shutdown(self, grace_s: float) -> None:
         """Stop accepting, let sessions finish within ``grace_s``, then abort the rest."""
         self._closing = True
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
         pending = [p.closed for p in self.pipes.values() if not p.closed.done()]
         if pending:
             log.info("draining", pipes=len(pending), grace_period_s=grace_s)
@@ -199,16 +269,14 @@ class Relay:
                     await asyncio.gather(*pending)
         for pipe in list(self.pipes.values()):
             pipe.abort("shutdown")
-        if self._server is not None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(5):
-                    await self._server.wait_closed()
+        await self._close_listeners()
         if self.metrics_server is not None:
             await self.metrics_server.stop()
         log.info("stopped")
 
     # -- connections ------------------------------------------------------------------------
-    def _accept(self) -> asyncio.Protocol:
+    def _accept(self, listener: str) -> asyncio.Protocol:
+        """A connection came in on ``listener`` (its address as the user would type it)."""
         pipe_id = self._next_pipe
         self._next_pipe += 1
         pipe = Pipe(
@@ -219,8 +287,8 @@ class Relay:
             admit=self._admit if self.config.allow else None,
         )
         self.pipes[pipe_id] = pipe
-        self.registry.add_pipe(pipe)
-        self._tg.create_task(self._connect_upstream(pipe))
+        self.registry.add_pipe(pipe, listener)
+        self._tg.create_task(self._connect_upstream(pipe, listener))
         return pipe.downstream
 
     def _admit(self, peer: tuple[object, ...] | None) -> bool:
@@ -241,20 +309,20 @@ class Relay:
         )
         return False
 
-    async def _connect_upstream(self, pipe: Pipe) -> None:
+    async def _connect_upstream(self, pipe: Pipe, listener: str) -> None:
         try:
-            await self._connect_upstream_in_order(pipe)
+            await self._connect_upstream_in_order(pipe, listener)
         except Exception as exc:  # a bug of ours must not take the listener down with it
             log.exception("upstream_connect_crashed", pipe=pipe.pipe_id)
             pipe.upstream_failed(f"internal error: {exc!r}")
 
-    async def _connect_upstream_in_order(self, pipe: Pipe) -> None:
+    async def _connect_upstream_in_order(self, pipe: Pipe, listener: str) -> None:
         await asyncio.sleep(0)  # let connection_made run so we know the source's address
         host = host_of(pipe.source)
         # Destinations take the first connection as the main channel (QEMU 7.2): connect in
-        # the order the source's connections were accepted.
-        lock = self._connect_locks.setdefault(host, asyncio.Lock())
-        fwd = self.config.forward
+        # the order the source's connections were accepted (on one listener; a unix socket's
+        # sources have no host, so its connections keep one order).
+        lock = self._connect_locks.setdefault((host, listener), asyncio.Lock())
         if pipe.refused:
             return
         async with lock:
@@ -262,18 +330,25 @@ class Relay:
                 pipe.upstream_failed("source left before the destination was connected")
                 return
             loop = asyncio.get_running_loop()
+            fwd = self.config.forward
+            target = str(fwd)
             try:
                 async with asyncio.timeout(self.config.connect_timeout_s):
-                    await loop.create_connection(
-                        lambda: pipe.upstream, host=fwd.host or "localhost", port=fwd.port
-                    )
+                    if isinstance(fwd, UnixAddress):
+                        await loop.create_unix_connection(lambda: pipe.upstream, str(fwd.path))
+                    else:
+                        port = fwd.port if fwd.port is not None else local_port(pipe)
+                        target = str(Address(fwd.host, port))
+                        await loop.create_connection(
+                            lambda: pipe.upstream, host=fwd.host or "localhost", port=port
+                        )
             except (OSError, TimeoutError) as exc:
                 reason = "timed out" if isinstance(exc, TimeoutError) else str(exc)
                 log.warning(
                     "upstream_connect_failed",
                     pipe=pipe.pipe_id,
                     source=fmt_addr(pipe.source),
-                    forward=str(fwd),
+                    forward=target,
                     error=reason,
                     action="source connection reset so its migration fails now",
                 )
@@ -281,7 +356,7 @@ class Relay:
                 return
         t = pipe.upstream.transport
         sock = t.get_extra_info("socket") if t is not None else None
-        if sock is not None:
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         log.debug(
@@ -362,6 +437,91 @@ class Relay:
             outcome=summary.outcome.value if summary is not None else None,
         )
         self.sessions_ended.append(session)
+
+
+def why(exc: OSError) -> str:
+    """The system's own words for an error (asyncio rewrites ``strerror`` of a failed bind)."""
+    return os.strerror(exc.errno) if exc.errno else str(exc)
+
+
+def local_port(pipe: Pipe) -> int:
+    """The port a source's connection came in on (``--forward HOST`` connects to the same)."""
+    t = pipe.downstream.transport
+    name = t.get_extra_info("sockname") if t is not None else None
+    if not isinstance(name, tuple) or len(name) < 2:
+        raise OSError("no local port known for this connection")  # reported as connect failure
+    return int(name[1])
+
+
+def bind_unix(path: Path, mode: int) -> socket.socket:
+    """A unix socket bound at ``path`` with file mode ``mode`` from the start: the umask is
+    narrowed around ``bind()`` (it is process-wide, so other threads' files are created no
+    wider meanwhile), then the mode is set exactly. A socket file left by an earlier run is
+    replaced only if nothing listens on it."""
+    clear_stale_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        old = os.umask(0o777 & ~mode)
+        try:
+            sock.bind(os.fspath(path))
+        finally:
+            os.umask(old)
+        path.chmod(mode)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on unix:{path}: {exc.strerror or exc}",
+                          key="listen") from exc  # fmt: skip
+    sock.setblocking(False)  # noqa: FBT003 - the socket API's own flag
+    return sock
+
+
+def clear_stale_socket(path: Path) -> None:
+    """Remove a socket file that nothing listens on (connecting is refused); anything else
+    at ``path`` is a usage error."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConfigError(f"cannot use unix:{path}: {exc.strerror}", key="listen") from exc
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(
+            f"unix:{path} exists and is not a socket; migtap replaces only a stale socket file",
+            key="listen",
+        )
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(os.fspath(path))
+    except ConnectionRefusedError:
+        path.unlink(missing_ok=True)
+        log.info("stale_socket_removed", path=str(path))
+        return
+    except FileNotFoundError:
+        return
+    except TimeoutError:
+        pass  # a listener with a full backlog: in use
+    except OSError as exc:
+        raise ConfigError(f"cannot check unix:{path}: {exc.strerror}", key="listen") from exc
+    finally:
+        probe.close()
+    raise ConfigError(
+        f"unix:{path} is in use: something listens on it (another migtap?); "
+        "stop it or choose another path",
+        key="listen",
+    )
+
+
+def remove_unix_socket(path: Path, ident: tuple[int, int]) -> None:
+    """Remove our socket file, unless another process has replaced it meanwhile."""
+    try:
+        st = path.lstat()
+        if (st.st_dev, st.st_ino) == ident:
+            path.unlink()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        log.warning("socket_not_removed", path=str(path), error=exc.strerror)
 
 
 __all__ = ["Relay"]

@@ -53,6 +53,7 @@ class Channel:
     session_tap: SessionTap | None = None  # the tap of the session this channel joined
     uuid: bytes | None = None  # a multifd channel's source VM UUID
     waiting: bool = False  # a multifd channel waiting for the main channel with its UUID
+    listener: str = ""  # the listening address that accepted it (a port of a range, unix:PATH)
 
 
 @dataclass(slots=True, eq=False)
@@ -66,6 +67,7 @@ class Session:
     tap: SessionTap | None = None
     pause_reasons: set[str] = field(default_factory=set)
     uuid: bytes | None = None  # the source VM's UUID, from the main channel's configuration
+    listener: str = ""  # the listening address its connections came in on
 
     @property
     def open(self) -> bool:
@@ -90,12 +92,25 @@ class Session:
             c.pipe.upstream.resume(reason)
 
 
-def host_of(peer: tuple[object, ...] | None) -> str:
-    return str(peer[0]) if peer else "?"
+#: The source "host" of a connection on a unix socket: it came from this machine.
+LOCAL = "local"
+
+
+def host_of(peer: object) -> str:
+    """The source host of a connection; a unix socket's peer (a path, usually empty) has none."""
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    if isinstance(peer, str | bytes):
+        return LOCAL
+    return "?"
 
 
 def fmt_addr(addr: object) -> str | None:
-    """A socket address as a person types it: ``host:port`` or ``[v6]:port``."""
+    """A socket address as a person types it: ``host:port``, ``[v6]:port`` or ``unix:PATH``."""
+    if isinstance(addr, bytes):
+        addr = addr.decode(errors="replace")
+    if isinstance(addr, str):
+        return f"unix:{addr}" if addr else None  # an unnamed unix peer (a client) has no path
     if not isinstance(addr, tuple) or len(addr) < 2:
         return None
     host, port = addr[0], addr[1]
@@ -109,7 +124,8 @@ class SessionRegistry:
     it joins the session whose main channel showed the same UUID in its configuration (QEMU
     sends it with ``validate-uuid``), waiting for that if needed. Without a UUID (QEMU's default
     is all zeros), a multifd or unrecognised channel joins the newest open session from the same
-    source host that has a main channel, or else opens its own; with several concurrent
+    source host (``local`` for a unix socket) on the same listener that has a main channel, or
+    else opens its own; with several concurrent
     migrations from one host that is a best guess. Every byte is relayed exactly either way.
     """
 
@@ -128,13 +144,14 @@ class SessionRegistry:
         self._waiting: dict[bytes, list[Channel]] = {}
 
     def _new_session(self, host: str, first: Channel) -> Session:
-        session = Session(self._next_id, host)
+        session = Session(self._next_id, host, listener=first.listener)
         self._next_id += 1
         self.sessions[session.session_id] = session
         log.info(
             "session_started",
             session=session.session_id,
             source=host,
+            listener=first.listener or None,
             first_channel=first.kind.value if first.kind else "pending",
         )
         if self._tap_factory is not None:
@@ -154,8 +171,10 @@ class SessionRegistry:
             if channel.pipe.pipe_id in self._by_pipe:
                 self._assign(channel, ChannelKind.MULTIFD, session)
 
-    def add_pipe(self, pipe: Pipe) -> None:
-        self._by_pipe[pipe.pipe_id] = Channel(pipe)
+    def add_pipe(self, pipe: Pipe, listener: str = "") -> None:
+        """A new connection, accepted on ``listener`` (channels group only with channels that
+        came in on the same one: each port of a range is its own destination)."""
+        self._by_pipe[pipe.pipe_id] = Channel(pipe, listener=listener)
 
     def on_chunk(self, pipe: Pipe, direction: Direction, offset: int, chunk: bytes) -> None:
         channel = self._by_pipe.get(pipe.pipe_id)
@@ -294,6 +313,7 @@ class SessionRegistry:
         if kind is ChannelKind.MAIN:
             return None
         host = host_of(channel.pipe.source)
+        listener = channel.listener
 
         def live_main(s: Session) -> bool:
             return any(
@@ -301,7 +321,9 @@ class SessionRegistry:
             )
 
         candidates = [
-            s for s in self.sessions.values() if s.open and s.source_host == host and live_main(s)
+            s
+            for s in self.sessions.values()
+            if s.open and s.source_host == host and s.listener == listener and live_main(s)
         ]
         if candidates:
             return max(candidates, key=lambda s: s.started)
@@ -314,6 +336,7 @@ class SessionRegistry:
             and c.pipe.pipe_id < channel.pipe.pipe_id
             and c.pipe.ended is None
             and host_of(c.pipe.source) == host
+            and c.listener == listener
             and c.pipe.pipe_id not in self._session_of
         ]
         if not earlier:
