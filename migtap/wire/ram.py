@@ -21,6 +21,8 @@ ended is missed, and late zero pages before the first compressed page can look l
 
 from __future__ import annotations
 
+import functools
+import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
@@ -41,7 +43,7 @@ from migtap.wire.constants import (
 from migtap.wire.events import Event, RamMultifdFlush, RamPages
 
 if TYPE_CHECKING:
-    from migtap.wire.buffer import Buffer
+    from migtap.wire.buffer import Buffer, Source
 
 _KIND_MASK: Final = RAM_SAVE_FLAG_MASK & ~RAM_SAVE_FLAG_CONTINUE
 _PAGE_KINDS: Final = frozenset(
@@ -108,6 +110,66 @@ class _Block:
 
 COMPRESS_REORDER_PAGES: Final = 4096  # 16 MiB at 4 KiB pages
 
+#: The longest run :func:`count_page_run` checks at once (a power of two), in records.
+MAX_RUN_CHECK: Final = 512
+_LANE: Final = 1 << 64
+
+
+@functools.cache
+def _headers(stride: int, count: int) -> struct.Struct:
+    """``count`` 8-byte record headers, ``stride`` bytes apart (the payloads skipped)."""
+    return struct.Struct(">" + f"8s{stride - 8}x" * count)
+
+
+@functools.cache
+def _progression(count: int) -> tuple[int, int]:
+    """``(r, t)``: the headers ``h, h + s, ..., h + (count - 1) * s``, big-endian u64s back to
+    back and read as one big-endian integer, equal ``h * r + s * t`` (when each is < 2**64)."""
+    r = (_LANE**count - 1) // (_LANE - 1)
+    return r, (r - count) // (_LANE - 1)
+
+
+def _is_progression(src: Source, pos: int, count: int, *, first: int, step: int,
+                    stride: int) -> bool:  # fmt: skip
+    """Are the ``count`` headers ``stride`` bytes apart from ``src[pos]`` on exactly
+    ``first``, ``first + step``, ...? One strided copy and one big-integer comparison."""
+    if stride % 8 == 0:
+        with memoryview(src) as whole:
+            heads = whole[pos : pos + count * stride].cast("Q")[:: stride // 8].tobytes()
+    else:
+        heads = b"".join(_headers(stride, count).unpack_from(src, pos))
+    r, t = _progression(count)
+    return int.from_bytes(heads) == first * r + step * t
+
+
+def count_page_run(
+    src: Source, pos: int, end: int, *, first: int, step: int, stride: int, limit: int
+) -> int:
+    """How many records lie whole in ``src[pos:end]`` (at most ``limit``) whose headers are
+    ``first``, ``first + step``, ``first + 2 * step``, ..., each record ``stride`` bytes long
+    (``first + limit * step`` must stay below 2**64).
+
+    The bulk path of :meth:`RamReader.read_records`: a precopy stream is mostly long runs of
+    same-shape page records at consecutive offsets (``PAGE | CONTINUE`` + a page, or ``ZERO |
+    CONTINUE`` + one byte). Their headers are checked many at a time (:func:`_is_progression`),
+    never one Python iteration per record: the batch grows 8-fold while the run lasts and is
+    halved where it ends.
+    """
+    n = 0
+    k = 1
+    while True:
+        room = min(limit - n, (end - pos) // stride, MAX_RUN_CHECK)
+        k = min(k, 1 << (room.bit_length() - 1)) if room > 0 else 0
+        if k == 0:
+            return n
+        if _is_progression(src, pos, k, first=first, step=step, stride=stride):
+            n += k
+            pos += k * stride
+            first += k * step
+            k *= 8
+        else:
+            k //= 2
+
 
 class RamReader:
     """RAM record state that lives for the whole migration (CONTINUE crosses sections)."""
@@ -151,6 +213,9 @@ class RamReader:
         reorder = self._reorder
         stats = self.stats
         rnd = len(stats.rounds)
+        # runs of same-shape records in bulk (count_page_run): offsets a page apart must stay
+        # clear of the flag bits and aligned (true of every page size the parsers accept)
+        bulk = ps > RAM_SAVE_FLAG_MASK and not ps & (ps - 1)
         # the open run
         run_off = -1
         run_blk: _Block | None = None
@@ -280,6 +345,32 @@ class RamReader:
                         break
                     pos += rec
                     b.pos = pos  # commit: the record is complete
+                    if (
+                        bulk
+                        and kind in (RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_ZERO)
+                        and lin == blk.base + off  # not a late compressed-thread record
+                    ):
+                        # more records of the same shape at the following offsets?
+                        stride = 8 + plen
+                        n = count_page_run(
+                            src,
+                            pos,
+                            end,
+                            first=off + ps + (kind | RAM_SAVE_FLAG_CONTINUE),
+                            step=ps,
+                            stride=stride,
+                            limit=(blk.length - 1 - off) // ps,
+                        )
+                        if n:
+                            pos += n * stride
+                            b.pos = pos
+                            last_pos = lin + n * ps
+                            if kind == RAM_SAVE_FLAG_PAGE:
+                                n_norm += n
+                                b_norm += n * stride
+                            else:
+                                n_zero += n
+                                b_zero += n * stride
                     continue
                 if flags == RAM_SAVE_FLAG_MULTIFD_FLUSH and hdr == flags:
                     if run_blk is not None:
