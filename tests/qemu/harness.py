@@ -271,7 +271,11 @@ class Pair:
     dst: Vm
     dst_port: int = 0
 
-    async def configure(self, caps: dict[str, bool], params: dict[str, Any]) -> None:
+    async def configure(
+        self, caps: dict[str, bool], params: dict[str, Any], *, incoming: str = "tcp:127.0.0.1:0"
+    ) -> None:
+        """Capabilities, parameters, then ``migrate-incoming`` on ``incoming`` (``unix:PATH``,
+        or TCP: port 0 gets a port from QEMU, read back into ``dst_port``)."""
         for vm in (self.src, self.dst):
             await vm.set_capabilities(**caps)
         src_params = {"max_bandwidth": 8 * 1024 * MiB, "downtime_limit": 300, **params}
@@ -281,9 +285,10 @@ class Pair:
         await self.src.set_parameters(**src_params)
         await self.dst.set_parameters(**dst_only)
         # Port 0: QEMU binds and tells us the port, so no "find a free port, then bind" race.
-        await self.dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
-        info = await self.dst.query_migrate()
-        self.dst_port = int(info["socket-address"][0]["port"])
+        await self.dst.cmd("migrate-incoming", uri=incoming)
+        if incoming.startswith("tcp:"):
+            info = await self.dst.query_migrate()
+            self.dst_port = int(info["socket-address"][0]["port"])
 
     async def migrate(
         self, uri: str, *, postcopy: bool = False, timeout_s: float = 120
