@@ -72,7 +72,10 @@ UNLISTED_VMSDS: Final = frozenset(
 
 #: Types whose wire size per element is the field's size in the target's C struct, so that a
 #: size difference in the dump is a wire difference.
-_SIZED_TYPES: Final = frozenset(NATURAL_SIZE) - {"nullptr"} | {"unused_buffer", "buffer"}
+_SIZED_TYPES: Final = frozenset(NATURAL_SIZE) - {"nullptr", "ptr-marker"} | {
+    "unused_buffer",
+    "buffer",
+}
 _STRUCT_TYPES: Final = NESTED_INLINE_TYPES | {"struct"}
 
 

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = [
     "QEMU_VM_SUBSECTION",
     "VMS_NULLPTR_MARKER",
+    "VMS_VALIDPTR_MARKER",
     "DecodeError",
     "DecodedSection",
     "Leaf",
@@ -48,6 +49,9 @@ __all__ = [
 QEMU_VM_SUBSECTION = 0x05
 QEMU_VM_SECTION_FOOTER = 0x7E
 VMS_NULLPTR_MARKER = 0x30  # '0', a NULL element of an array of pointers
+VMS_VALIDPTR_MARKER = 0x31  # '1' (11.1+ "ptr-marker"), the element follows
+# What a "ptr-marker" leaf holds, as 11.1's analyze-migration.py -d state prints it.
+_PTR_MARKERS = {VMS_NULLPTR_MARKER: "null-ptr", VMS_VALIDPTR_MARKER: "valid-ptr"}
 
 SIGNED_INT_TYPES = frozenset({"int8", "int16", "int32", "int64", "int32 equal", "int32 le"})
 UNSIGNED_INT_TYPES = frozenset(
@@ -84,6 +88,7 @@ NATURAL_SIZE: dict[str, int] = {
     "float64": 8,
     "CPU_Double_U": 8,
     "nullptr": 1,
+    "ptr-marker": 1,
 }
 
 # Elements of size 0 could make a hostile array_len spin; beyond this many, refuse.
@@ -132,7 +137,8 @@ class Leaf:
     """One decoded scalar. ``offset`` is absolute (``base_offset`` + position in the payload).
 
     ``value`` is an ``int`` for integer types and ``timer`` (signed ns, -1 = not armed), a
-    ``bool`` for ``bool``, ``None`` for a NULL pointer marker, a ``str`` for ``capability`` and
+    ``bool`` for ``bool``, ``None`` for a NULL pointer marker (``nullptr``), a ``str`` for
+    ``capability`` and for an 11.1+ ``ptr-marker`` (``"null-ptr"`` or ``"valid-ptr"``), and
     ``bytes`` for everything else (buffers, bitmaps, floats, unknown types).
     """
 
@@ -369,6 +375,14 @@ class _Walker:
         elif ftype == "nullptr":
             self.null_marker(path)
             value, size = None, 1
+        elif ftype == "ptr-marker":
+            # 11.1+: '0' (NULL) or '1' (the element follows as the next vmdesc entry).
+            marker = self.unpack(_U8, path)
+            if marker not in _PTR_MARKERS:
+                raise self.error(
+                    f"expected pointer marker 0x30 or 0x31, found 0x{marker:02x}", path
+                )
+            value, size = _PTR_MARKERS[marker], 1
         elif ftype == "capability":
             length = self.unpack(_U8, path)
             value = bytes(self.take(length, path)).decode("utf-8", "replace")

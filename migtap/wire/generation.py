@@ -24,6 +24,7 @@ from migtap.wire.events import (
     Configuration,
     MultifdDeviceState,
     MultifdPacket,
+    Ping,
     RamMultifdFlush,
     RamPages,
     RpSwitchoverAck,
@@ -186,8 +187,39 @@ _VMDESC_NO_CONFIGURATION: Final = _Sign(
 _NULLPTR: Final = _Sign(
     'vmdesc field of type "nullptr"',
     min=(10, 0),
-    why="null-pointer markers are described as such from 10.0 (docs/stream-format.md §4.2)",
+    max=(11, 0),
+    why="null-pointer markers are described as such from 10.0; 11.1 calls them ptr-marker"
+    " (docs/stream-format.md §4.2)",
 )
+_PTR_MARKER: Final = _Sign(
+    'vmdesc field of type "ptr-marker"',
+    min=(11, 1),
+    why="pointer markers ('0' null, '1' valid) replace nullptr in 11.1 (docs/compatibility.md)",
+)
+_ENABLE_COLO: Final = _Sign(
+    "ENABLE_COLO command",
+    max=(10, 2),
+    why="command 8 is no longer sent from 11.0 (docs/compatibility.md)",
+)
+_PACKAGED_LOADED: Final = _Sign(
+    "PING 0x42 in the postcopy package",
+    min=(10, 2),
+    why="QEMU_VM_PING_PACKAGED_LOADED, the postcopy-device state (docs/compatibility.md)",
+)
+_NVME: Final = _Sign(
+    "NVMe controller state",
+    min=(11, 1),
+    why="NVMe controllers migrate from 11.1; earlier ones block migration (docs/compatibility.md)",
+)
+
+
+_COMMAND_SIGNS: Final = {
+    MigCmd.MIG_CMD_SWITCHOVER_START: _SWITCHOVER_START,
+    MigCmd.MIG_CMD_ENABLE_COLO: _ENABLE_COLO,
+}
+# The PING that ends a postcopy package (savevm.h, 10.2+); its PONG tells the source that the
+# destination loaded the device state.
+QEMU_VM_PING_PACKAGED_LOADED: Final = 0x42
 
 
 def _record_sign(event: object) -> _Sign | None:  # noqa: PLR0911 - one return per sign
@@ -203,9 +235,13 @@ def _record_sign(event: object) -> _Sign | None:  # noqa: PLR0911 - one return p
     if isinstance(event, RamMultifdFlush):
         return _FLUSH
     if isinstance(event, Command):
-        return _SWITCHOVER_START if event.cmd == MigCmd.MIG_CMD_SWITCHOVER_START else None
-    if isinstance(event, SectionHeader):
-        return _BLOCK if event.idstr == "block" else None
+        return _COMMAND_SIGNS.get(event.cmd)
+    if isinstance(event, Ping):
+        return _PACKAGED_LOADED if event.value == QEMU_VM_PING_PACKAGED_LOADED else None
+    if isinstance(event, SectionHeader) and event.idstr is not None:
+        if event.idstr == "block":
+            return _BLOCK
+        return _NVME if event.idstr.endswith("/nvme") else None
     return None
 
 
@@ -260,8 +296,9 @@ class GenerationTracker:
             changed |= self.source.add(_VMDESC_CONFIGURATION.at(doc.offset))
         elif self._has_configuration:
             changed |= self.source.add(_VMDESC_NO_CONFIGURATION.at(doc.offset))
-        if _has_field_type(desc.get("devices"), "nullptr"):
-            changed |= self.source.add(_NULLPTR.at(doc.offset))
+        for ftype, sign in (("nullptr", _NULLPTR), ("ptr-marker", _PTR_MARKER)):
+            if _has_field_type(desc.get("devices"), ftype):
+                changed |= self.source.add(sign.at(doc.offset))
         return changed
 
 

@@ -135,3 +135,11 @@ def test_annotated_record_with_error_or_without_vmdesc() -> None:
     assert rec["error"]["type"] == "TruncatedPayload"
     json.dumps(rec)
     assert annotated_record(0, "x", 0, 1, None, None)["decoded"] is False
+
+
+def test_ptr_markers_render_as_11_1s_script() -> None:
+    """analyze-migration.py of 11.1 prints a ptr-marker as "null-ptr" or "valid-ptr"."""
+    dev = _one_field_device("ptr-marker", 1).devices[0]
+    for payload, shown in ((b"0", "null-ptr"), (b"1", "valid-ptr")):
+        decoded = decode_section(dev, payload)
+        assert state_dump([DeviceState(1, decoded)]) == {"d (1)": {"f": shown}}

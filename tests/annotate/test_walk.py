@@ -242,3 +242,29 @@ def test_hostile_array_len_fails_fast() -> None:
 def test_all_errors_are_stream_errors() -> None:
     assert issubclass(DecodeError, StreamError)
     assert issubclass(TruncatedPayload, DecodeError)
+
+
+def test_ptr_markers_of_11_1_arrays_of_pointers() -> None:
+    """11.1 (e.g. an NVMe controller's queues): every element of an auto-allocated array of
+    pointers is a ``ptr-marker`` byte, '1' followed by the element as the next vmdesc entry of
+    the same name, or '0'; no ``index``, so the same name repeats into one list."""
+    inner = {"vmsd_name": "q", "version": 1, "fields": [{"name": "v", "type": "uint16", "size": 2}]}
+    desc = device(
+        [
+            {"name": "sq", "type": "ptr-marker", "size": 1},
+            {"name": "sq", "type": "struct", "struct": inner, "size": 2},
+            {"name": "sq", "type": "ptr-marker", "size": 1},
+            {"name": "sq", "type": "ptr-marker", "size": 1},
+            {"name": "after", "type": "uint8", "size": 1},
+        ]
+    )
+    payload = b"1" + b"\x00\x07" + b"0" + b"0" + b"\x2a"
+    decoded = decode_section(desc, payload)
+    assert decoded.fields == {"sq": ["valid-ptr", {"v": 7}, "null-ptr", "null-ptr"], "after": 42}
+    assert decoded.consumed == len(payload)
+    one = device([{"name": "m", "type": "ptr-marker", "size": 1}])
+    marker = decode_section(one, b"1").root.fields["m"]
+    assert isinstance(marker, Leaf)
+    assert (marker.type, marker.size, marker.value) == ("ptr-marker", 1, "valid-ptr")
+    with pytest.raises(DecodeError, match="pointer marker 0x30 or 0x31, found 0x02"):
+        decode_section(desc, b"\x02" + payload[1:])

@@ -6,7 +6,8 @@ dir. A migration is judged as a person would: the source's ``query-migrate`` say
 guest RAM is the same on both sides (HMP ``pmemsave`` of all RAM, compared by sha256).
 
 A VM runs the host's QEMU unless given another ``Qemu``: ``Qemu.trixie(tree)`` is Debian trixie's
-10.0 from the tree that scripts/qemu10.sh builds (``vm_pair(..., src_qemu=..., dst_qemu=...)``).
+10.0 from the tree that scripts/qemu10.sh builds, ``Qemu.sid(tree)`` Debian sid's 11.1 from
+scripts/qemu11.sh (``vm_pair(..., src_qemu=..., dst_qemu=...)``).
 """
 
 from __future__ import annotations
@@ -63,7 +64,17 @@ class Qemu:
 
     @classmethod
     def trixie(cls, tree: Path) -> Qemu:
-        """Debian trixie's QEMU 10.0 in ``tree`` (scripts/qemu10.sh), run with the tree's loader.
+        """Debian trixie's QEMU 10.0 in ``tree`` (scripts/qemu10.sh)."""
+        return cls.debian_tree(tree, "trixie")
+
+    @classmethod
+    def sid(cls, tree: Path) -> Qemu:
+        """Debian sid's QEMU 11.1 in ``tree`` (scripts/qemu11.sh)."""
+        return cls.debian_tree(tree, "sid")
+
+    @classmethod
+    def debian_tree(cls, tree: Path, name: str) -> Qemu:
+        """The QEMU of a Debian tree that scripts/qemu-tree.sh built, run with the tree's loader.
 
         No chroot: the tree's own dynamic loader and libraries, and ``-L`` for its firmware
         (without them QEMU silently uses the host's 7.2-era firmware). Host paths (QMP sockets,
@@ -72,7 +83,7 @@ class Qemu:
         tree = tree.resolve()
         lib = tree / "usr/lib/x86_64-linux-gnu"
         return cls(
-            name="trixie",
+            name=name,
             prefix=(
                 str(lib / "ld-linux-x86-64.so.2"),
                 "--library-path",

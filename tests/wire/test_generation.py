@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import struct
 
 import pytest
 
 from migtap.wire.constants import MigCmd, SectionType
-from migtap.wire.events import Command, MultifdPacket, VmDescription
+from migtap.wire.events import Command, MultifdPacket, SectionHeader, VmDescription
 from migtap.wire.generation import Estimate, Evidence, GenerationTracker
 from migtap.wire.multifd import MultifdParser
 from migtap.wire.return_path import ReturnPathParser
@@ -66,7 +67,7 @@ def test_a_10_0_stream_with_switchover_start_and_nullptr() -> None:
     }
     body = [s.command(MigCmd.MIG_CMD_SWITCHOVER_START)]
     t = track(stream("pc-q35-9.2", body=body, desc=desc))
-    assert t.source.text() == "10.0 or newer"
+    assert t.source.text() == "10.0 to 11.0"  # 11.1 names the marker "ptr-marker"
     signs = {e.sign: e for e in t.source.evidence}
     assert signs["vmdesc describes the configuration"].min == (8, 2)
     assert signs["SWITCHOVER_START command"].min == (10, 0)
@@ -165,3 +166,61 @@ def test_real_7_2_fixtures() -> None:
     desc = json.loads(fixture("vmdesc-pc-i440fx-7.2.json").read_bytes())
     t.observe_vmdesc(VmdescDocument(0, desc))
     assert t.source.text() == "7.2 to 8.1"
+
+
+def _desc_with(ftype: str) -> dict[str, object]:
+    return {
+        "page_size": s.PAGE,
+        "configuration": {"vmsd_name": "configuration", "version": 1, "fields": []},
+        "devices": [
+            {
+                "name": "0000:00:03.0/nvme",
+                "instance_id": 0,
+                "vmsd_name": "nvme",
+                "version": 1,
+                "fields": [{"name": "sq", "type": ftype, "size": 1}],
+            }
+        ],
+    }
+
+
+def test_an_11_1_vmdesc_with_ptr_markers() -> None:
+    """11.1 describes the marker before each element of an array of pointers as "ptr-marker"
+    (10.0-11.0: "nullptr", for NULL elements only)."""
+    t = track(stream("pc-q35-7.2", desc=_desc_with("ptr-marker")))
+    assert t.source.text() == "11.1 or newer"
+    signs = {e.sign: e for e in t.source.evidence}
+    assert signs['vmdesc field of type "ptr-marker"'].min == (11, 1)
+    old = track(stream("pc-q35-7.2", desc=_desc_with("nullptr")))
+    assert old.source.text() == "10.0 to 11.0"
+
+
+def test_nvme_section_is_11_1() -> None:
+    """NVMe controllers block migration before 11.1 (``unmigratable``)."""
+    t = GenerationTracker()
+    assert t.observe(
+        SectionHeader(7, SectionType.QEMU_VM_SECTION_FULL, 40, "0000:00:03.0/nvme", 0, 1)
+    )
+    assert t.source.text() == "11.1 or newer"
+    assert not GenerationTracker().observe(
+        SectionHeader(7, SectionType.QEMU_VM_SECTION_FULL, 40, "0000:00:03.0/nvme-ns", 0, 1)
+    )
+
+
+def test_enable_colo_is_10_2_or_older() -> None:
+    """MIG_CMD_ENABLE_COLO (8) is MIG_CMD_DEPRECATED_0 from 11.0: no longer sent."""
+    t = track(stream("pc-q35-9.2", body=[s.command(MigCmd.MIG_CMD_ENABLE_COLO)]))
+    assert t.source.text() == "9.2 to 10.2"
+
+
+def test_ping_0x42_ends_a_10_2_postcopy_package() -> None:
+    """10.2+ ends the postcopy package with PING 0x42 (QEMU_VM_PING_PACKAGED_LOADED); other
+    pings say nothing."""
+    package = s.ping(3) + s.ping(0x42) + s.command(MigCmd.MIG_CMD_POSTCOPY_RUN)
+    body = [s.command(MigCmd.MIG_CMD_PACKAGED, struct.pack(">I", len(package))) + package]
+    t = track(stream("pc-i440fx-7.2", body=body))
+    assert t.source.text() == "10.2 or newer"
+    assert [e.sign for e in t.source.evidence][-1] == "PING 0x42 in the postcopy package"
+    assert (
+        track(stream("pc-i440fx-7.2", body=[s.ping(1), s.ping(4)])).source.text() == "7.2 or newer"
+    )
