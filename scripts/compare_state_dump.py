@@ -1,15 +1,20 @@
 """Check ``migtap analyze --dump state`` against QEMU's ``analyze-migration.py -d state``.
 
 Runs a matrix of real migrations (QEMU 7.2 from the host, 10.0 from the trixie tree that
-scripts/qemu10.sh builds) through an in-process migtap with a capture, then decodes each
-captured main channel with both tools and compares their output byte for byte.
+scripts/qemu10.sh builds, 11.1 from the sid tree that scripts/qemu11.sh builds) through an
+in-process migtap with a capture, then decodes each captured main channel with both tools and
+compares their output byte for byte.
 
-QEMU's script is not part of migtap and is not shipped by Debian's binary packages: pass the
-``scripts/analyze-migration.py`` of a QEMU source tree. It cannot read streams with a return
-path (it stops at the OPEN_RETURN_PATH command), so the matrix migrates without one.
+QEMU's script is not part of migtap and is not shipped by Debian's binary packages (the sid
+tree has no copy either): pass the ``scripts/analyze-migration.py`` of a QEMU source tree, e.g.
+Debian's ``qemu_11.1.*+ds.orig.tar.xz``. Only 11.1's script (or newer) reads 11.1's
+``ptr-marker`` fields (NVMe); older scripts read the other captures. It cannot read streams
+with a return path (it stops at the OPEN_RETURN_PATH command), so the matrix migrates without
+one. ``--only TEXT`` runs the cases whose name contains TEXT (e.g. ``11.1``).
 
     .venv/bin/python scripts/compare_state_dump.py \
-        --analyze-migration ~/src/qemu/scripts/analyze-migration.py --out docs/state-dump-check.json
+        --analyze-migration ~/src/qemu-11.1/scripts/analyze-migration.py \
+        --out docs/state-dump-check.json
 
 Exit status 0 only if every capture decodes identically; the report goes to stdout (and to
 ``--out`` as JSON).
@@ -47,12 +52,13 @@ from tests.qemu.harness import (  # noqa: E402
 @dataclass(frozen=True)
 class Case:
     name: str
-    src: str  # "7.2" or "10.0"
+    src: str  # "7.2", "10.0" or "11.1"
     dst: str
     machine: str
     rich: int  # -1: no extra devices; else the number of slirp backends (rich_devices)
     caps: tuple[tuple[str, bool], ...] = ()
     params: tuple[tuple[str, int], ...] = ()
+    nvme: bool = False  # an NVMe controller too (migrates from 11.1: ptr-marker fields)
 
 
 CASES = (
@@ -71,7 +77,29 @@ CASES = (
     Case("7.2-to-10.0 pc-q35-7.2 device-rich", "7.2", "10.0", "pc-q35-7.2", 1),
     Case("10.0-to-7.2 pc-q35-7.2 device-rich", "10.0", "7.2", "pc-q35-7.2", 1),
     Case("10.0-to-7.2 pc-i440fx-7.2", "10.0", "7.2", "pc-i440fx-7.2", -1),
+    Case("11.1-to-11.1 pc", "11.1", "11.1", "pc", -1),
+    Case("11.1-to-11.1 q35 device-rich", "11.1", "11.1", "q35", 2),
+    Case("11.1-to-11.1 q35 NVMe (ptr-marker)", "11.1", "11.1", "q35", -1, nvme=True),
+    Case(
+        "11.1-to-11.1 q35 multifd (main channel)",
+        "11.1",
+        "11.1",
+        "q35",
+        2,
+        caps=(("multifd", True),),
+        params=(("multifd_channels", 2),),
+    ),
+    Case("7.2-to-11.1 pc-q35-7.2 device-rich", "7.2", "11.1", "pc-q35-7.2", 1),
+    Case("11.1-to-7.2 pc-q35-7.2 device-rich", "11.1", "7.2", "pc-q35-7.2", 1),
+    Case("10.0-to-11.1 pc-i440fx-7.2", "10.0", "11.1", "pc-i440fx-7.2", -1),
 )
+
+
+def nvme_devices(disk: Path) -> list[str]:
+    return [
+        "-drive", f"file={disk},if=none,id=nv0,format=qcow2",
+        "-device", "nvme,serial=migtap0,drive=nv0",
+    ]  # fmt: skip
 
 
 async def capture(case: Case, workdir: Path, qemus: dict[str, Qemu]) -> Path:
@@ -82,6 +110,11 @@ async def capture(case: Case, workdir: Path, qemus: dict[str, Qemu]) -> Path:
         extra = [
             rich_devices(make_qcow2(workdir / f"{side}.qcow2"), slirps=case.rich)
             for side in ("src", "dst")
+        ]
+    if case.nvme:
+        extra = [
+            [*ex, *nvme_devices(make_qcow2(workdir / f"{side}-nvme.qcow2"))]
+            for ex, side in zip(extra, ("src", "dst"), strict=True)
         ]
     root = workdir / "captures"
     async with vm_pair(
@@ -129,15 +162,28 @@ def compare(stream: Path, analyze_migration: Path) -> dict[str, Any]:
     }
 
 
-async def main_async(args: argparse.Namespace) -> int:
-    done = run(["bash", str(ROOT / "scripts/qemu10.sh")])
+def tree(script: str) -> Path | None:
+    """The QEMU tree that scripts/<script> builds (or finds built); None if it failed."""
+    done = run(["bash", str(ROOT / "scripts" / script)])
     if done.returncode != 0:
         sys.stderr.write(done.stderr.decode(errors="replace"))
-        return 2
-    qemus = {"7.2": HOST_QEMU, "10.0": Qemu.trixie(Path(done.stdout.decode().split()[-1]))}
+        return None
+    return Path(done.stdout.decode().split()[-1])
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    cases = [c for c in CASES if args.only is None or args.only in c.name]
+    trees = {"10.0": "qemu10.sh", "11.1": "qemu11.sh"}
+    qemus: dict[str, Qemu] = {"7.2": HOST_QEMU}
+    for version, script in trees.items():
+        if any(version in (c.src, c.dst) for c in cases):
+            built = tree(script)
+            if built is None:
+                return 2
+            qemus[version] = Qemu.debian_tree(built, script.removesuffix(".sh"))
     report: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="compare-state-") as tmp:
-        for n, case in enumerate(CASES):
+        for n, case in enumerate(cases):
             stream = await capture(case, Path(tmp) / str(n), qemus)
             result = {"case": case.name, **compare(stream, args.analyze_migration)}
             report.append(result)
@@ -176,6 +222,7 @@ def main() -> int:
         help="QEMU's scripts/analyze-migration.py (from a QEMU source tree)",
     )
     parser.add_argument("--out", type=Path, help="write the report here as JSON")
+    parser.add_argument("--only", help="run only the cases whose name contains this text")
     configure_logging("json", level="warning", stream=sys.stderr)
     return asyncio.run(main_async(parser.parse_args()))
 

@@ -18,7 +18,9 @@ Decoding bugs of ``analyze-migration.py`` that this output does *not* reproduce:
    unsigned: ``"0xff"``.
 3. 7.2-9.2 describe a NULL element of an array of pointers as type ``struct`` with an empty
    ``"struct": {}`` and size 1; the script raises "No fields in struct". We read the ``0x30``
-   marker and print ``"nullptr"`` as the 10.0+ script does for type ``nullptr``.
+   marker and print ``"nullptr"`` as the 10.0+ script does for type ``nullptr``. 11.1's type
+   ``ptr-marker`` prints ``"null-ptr"`` or ``"valid-ptr"``, as 11.1's script does (that script
+   also prints ``"null-ptr"`` for the older ``nullptr`` type, which no x86 device sends).
 4. The subsection name read from the stream is never compared with the vmdesc, and a subsection
    on the wire that the vmdesc doesn't list is misread as whatever comes next. We check both and
    raise :class:`~migtap.annotate.walk.DecodeError`.
