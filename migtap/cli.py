@@ -291,15 +291,20 @@ async def serve(config: Config, *, tap: bool = True, live_view: LiveView | None 
     log = structlog.get_logger("migtap")
     loop = asyncio.get_running_loop()
     settings = tap_settings(config, live_view) if tap else None
-    async with Relay(config, tap=settings) as relay:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, relay.stop)
-        await relay.wait_stopped()
-        log.info(
-            "signal_received",
-            action="stop accepting, drain sessions",
-            grace_period_s=config.grace_period_s,
-        )
+    relay = Relay(config, tap=settings)
+    # Before listening: a SIGTERM right after the `listening` line must stop it cleanly too
+    # (and remove a unix socket file).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, relay.stop)
+    try:
+        async with relay:
+            await relay.wait_stopped()
+            log.info(
+                "signal_received",
+                action="stop accepting, drain sessions",
+                grace_period_s=config.grace_period_s,
+            )
+    finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
     return 0

@@ -227,3 +227,31 @@ def test_a_unix_socket_in_use_exits_2_with_one_clear_line(
     lines = [line for line in err.splitlines() if not line.startswith("{")]
     assert len(lines) == 1
     assert lines[0].startswith(f"migtap: error: listen: unix:{path} is in use: something listens")
+
+
+def test_unix_listener_is_0600_and_removed_after_sigterm() -> None:
+    import stat
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="mt-") as d:
+        path = f"{d}/migtap.sock"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "migtap", "listen", f"unix:{path}", "--forward",
+             "127.0.0.1:9", "--log-format", "json"],
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+        try:
+            assert proc.stderr is not None
+            first = json.loads(proc.stderr.readline())
+            assert first["event"] == "listening"
+            assert first["listen"] == [f"unix:{path}"]
+            assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=15)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 0
+        assert not os.access(path, os.F_OK)
