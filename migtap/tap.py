@@ -129,8 +129,9 @@ class SessionTap:
         self.channels: list[ChannelTap] = []
         self.closed = False
         self._model_failed = False
-        #: Told the source VM's UUID once the main channel shows it (groups multifd channels).
-        self.on_uuid: Callable[[bytes], None] | None = None
+        #: Told the source VM's UUID once the main channel's configuration shows it (groups
+        #: multifd channels), or None when the configuration has none (no ``validate-uuid``).
+        self.on_uuid: Callable[[bytes | None], None] | None = None
         self._uuid_told = False
 
     # -- channels -----------------------------------------------------------------------------
@@ -255,7 +256,7 @@ class SessionTap:
                         observer.on_change(change)
                 except Exception as exc:  # noqa: BLE001 - an observer must never break the relay
                     self._detach(observer, exc)
-        if not self._uuid_told and migration.uuid is not None:
+        if not self._uuid_told and migration.machine_type is not None:  # configuration seen
             self._uuid_told = True
             if self.on_uuid is not None:
                 self.on_uuid(migration.uuid)

@@ -68,6 +68,9 @@ class Session:
     pause_reasons: set[str] = field(default_factory=set)
     uuid: bytes | None = None  # the source VM's UUID, from the main channel's configuration
     listener: str = ""  # the listening address its connections came in on
+    #: Its configuration carried no UUID: multifd channels from its host with an unclaimed
+    #: UUID need not wait for one (libvirt gives QEMU ``-uuid`` but not ``validate-uuid``).
+    no_uuid: bool = False
 
     @property
     def open(self) -> bool:
@@ -122,7 +125,9 @@ class SessionRegistry:
 
     A main channel (``QEVM``) opens a new session. A multifd channel carries its VM's UUID:
     it joins the session whose main channel showed the same UUID in its configuration (QEMU
-    sends it with ``validate-uuid``), waiting for that if needed. Without a UUID (QEMU's default
+    sends it with ``validate-uuid``), waiting for that if needed, but only until a main channel
+    from its host shows a configuration without one (libvirt gives ``-uuid``, not
+    ``validate-uuid``): then it joins by the host rule. Without a UUID (QEMU's default
     is all zeros), a multifd or unrecognised channel joins the newest open session from the same
     source host (``local`` for a unix socket) on the same listener that has a main channel, or
     else opens its own; with several concurrent
@@ -160,9 +165,18 @@ class SessionRegistry:
                 session.tap.on_uuid = lambda uuid: self._session_uuid(session, uuid)
         return session
 
-    def _session_uuid(self, session: Session, uuid: bytes) -> None:
-        """The main channel named its VM: multifd channels with that UUID belong here."""
-        if uuid == NO_UUID or not session.open:
+    def _session_uuid(self, session: Session, uuid: bytes | None) -> None:
+        """The main channel named its VM: multifd channels with that UUID belong here. Or it
+        showed its configuration without a UUID: channels from its host and listener waiting
+        for theirs to be named join by the host rule now, as channels without a UUID do."""
+        if not session.open:
+            return
+        if uuid is None or uuid == NO_UUID:
+            session.no_uuid = True
+            for channels in list(self._waiting.values()):
+                for channel in list(channels):
+                    if self._same_origin(channel, session):
+                        self._stop_waiting(channel)
             return
         session.uuid = uuid
         self._by_uuid[uuid] = session
@@ -223,7 +237,11 @@ class SessionRegistry:
         session = self._by_uuid.get(uuid)
         if session is not None and session.open:
             self._assign(channel, ChannelKind.MULTIFD, session)
-        elif uuid != NO_UUID and self._tap_factory is not None:
+        elif (
+            uuid != NO_UUID
+            and self._tap_factory is not None
+            and not any(s.no_uuid and self._same_origin(channel, s) for s in self.sessions.values())
+        ):
             # Its main channel has not shown its configuration yet (multifd channels may
             # speak first): wait for it, holding the bytes for the tap (not for the relay).
             channel.kind = ChannelKind.MULTIFD
@@ -231,6 +249,15 @@ class SessionRegistry:
             self._waiting.setdefault(uuid, []).append(channel)
         else:
             self._assign(channel, ChannelKind.MULTIFD)
+
+    @staticmethod
+    def _same_origin(channel: Channel, session: Session) -> bool:
+        """Same source host and listener, and the session is still open."""
+        return (
+            session.open
+            and host_of(channel.pipe.source) == session.source_host
+            and channel.listener == session.listener
+        )
 
     def _stop_waiting(self, channel: Channel) -> None:
         channel.waiting = False
