@@ -116,33 +116,58 @@ class MultifdStats:
 
 
 class ResentPages:
-    """QEMU 7.2 multifd sometimes sends the last page of a packet again as the first page of the
-    next one (by packet number, on any channel) and counts it once in ``ram.normal``. Feed it
-    every packet with pages, in any order close to the sending order; ``count`` is how many
-    such repeats were seen."""
+    """QEMU 7.2 multifd sometimes queues the last page of a full packet again, as the first page
+    of the next packet it sends, and counts it once in ``ram.normal`` (``multifd_queue_page()``
+    looks at the packet it just handed over, which the channel may have emptied already). Feed
+    it every packet with pages, in any order close to the sending order; ``count`` is how many
+    such repeats were seen.
 
-    __slots__ = ("_recent", "count")
+    "The next packet" is the nearest packet number with pages, not always ``num + 1``: a packet
+    sent by ``multifd_send_sync_main()`` takes the sync's number, so the number it was given
+    first never appears on the wire (seen in a real ``virsh migrate --parallel``).
+    """
+
+    __slots__ = ("_linked", "_recent", "count")
 
     WINDOW: ClassVar[int] = 1024  # channels interleave only within a few packets
+    GAP: ClassVar[int] = 64  # packet numbers a sync may skip: one per channel
 
     def __init__(self) -> None:
         self.count = 0
-        self._recent: dict[int, tuple[str, int, int]] = {}
+        self._recent: dict[int, tuple[str, int, int, bool]] = {}
+        self._linked: set[int] = set()  # packets whose first page was counted as a repeat
 
     def note(self, packet: MultifdPacket) -> None:
         first, last = packet.first_page, packet.last_page
         if first is None or last is None:
             return
         num, block, recent = packet.packet_num, packet.ramblock, self._recent
-        prev = recent.get(num - 1)
-        if prev is not None and prev[0] == block and prev[2] == first:
-            self.count += 1
-        nxt = recent.get(num + 1)
-        if nxt is not None and nxt[0] == block and nxt[1] == last:
-            self.count += 1
-        recent[num] = (block, first, last)
+        full = packet.normal_pages == packet.pages_alloc
+        prev = self._nearest(range(num - 1, num - 1 - self.GAP, -1))
+        if prev is not None:
+            p_block, _, p_last, p_full = recent[prev]
+            if p_full and p_block == block and p_last == first and num not in self._linked:
+                self._linked.add(num)
+                self.count += 1
+        nxt = self._nearest(range(num + 1, num + 1 + self.GAP))
+        if nxt is not None and full and nxt not in self._linked:
+            n_block, n_first, _, _ = recent[nxt]
+            if n_block == block and n_first == last:
+                self._linked.add(nxt)
+                self.count += 1
+        recent[num] = (block, first, last, full)
         if len(recent) > self.WINDOW:
-            del recent[next(iter(recent))]
+            old = next(iter(recent))
+            del recent[old]
+            self._linked.discard(old)
+
+    def _nearest(self, nums: range) -> int | None:
+        """The first packet number in ``nums`` seen with pages."""
+        recent = self._recent
+        for n in nums:
+            if n in recent:
+                return n
+        return None
 
 
 class _State(Enum):
