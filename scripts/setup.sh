@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One-time set-up on a fresh machine: QEMU, socat and Chromium from Debian, then a venv with migtap
-# and its test and lint extras. Safe to run again; it only installs what is missing.
+# One-time set-up on a fresh machine: QEMU, socat, Chromium and libvirt from Debian, then a venv
+# with migtap and its test and lint extras. Safe to run again; it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +10,9 @@ command -v qemu-img >/dev/null 2>&1 || need_apt+=(qemu-utils)
 command -v socat >/dev/null 2>&1 || need_apt+=(socat)
 command -v tmux >/dev/null 2>&1 || need_apt+=(tmux)  # tests/test_live_view.py: a real terminal
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)  # tests/qemu/test_report.py
+# tests/libvirt: libvirtd (9.0, QEMU driver) and virsh; the package also creates user libvirt-qemu
+[ -x /usr/sbin/libvirtd ] || need_apt+=(libvirt-daemon-system)  # in sbin: not on every PATH
+command -v virsh >/dev/null 2>&1 || need_apt+=(libvirt-clients)
 if [ ${#need_apt[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
