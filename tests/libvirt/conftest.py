@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import random
 from typing import TYPE_CHECKING
 
 import pytest
@@ -22,6 +23,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def daemons(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Libvirtd, Libvirtd]]:
     """A source and a destination libvirtd, started once for the module, stopped by PID."""
     with libvirt_pair(tmp_path_factory.mktemp("libvirt")) as pair:
+        yield pair
+
+
+@pytest.fixture(scope="module")
+def netns_daemons(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Libvirtd, Libvirtd]]:
+    """The same, with the destination in a network namespace of its own (over a veth pair) and
+    a random migration port range of four ports (migtap listens on the same range here)."""
+    first = random.SystemRandom().randrange(20000, 29000)
+    workdir = tmp_path_factory.mktemp("libvirt-netns")
+    with libvirt_pair(workdir, migration_ports=(first, first + 3), dst_netns=True) as pair:
         yield pair
 
 

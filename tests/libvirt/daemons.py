@@ -99,6 +99,10 @@ class Libvirtd:
     address: str
     #: qemu.conf's migration_port_min/max (the ports an incoming QEMU may listen on).
     migration_ports: tuple[int, int] = (49152, 49215)
+    #: In a network namespace of its own too, reached over a veth pair from ``host_address``:
+    #: its libvirt's port check then sees only its own sockets (a "destination host").
+    netns: bool = False
+    host_address: str | None = None
     proc: subprocess.Popen[bytes] | None = None
     mount_ns: str | None = None
     _log: list[str] = field(default_factory=list)
@@ -169,14 +173,53 @@ migration_port_max = {last}
             f"{mounts} && exec {libvirtd_binary()} --listen -f {self.root / 'etc/libvirtd.conf'}"
             f" -p {self.root / 'libvirtd.pid'}"
         )
+        unshare = ["unshare", "--mount", "--propagation", "private"]
+        if self.netns:
+            # Wait (up to 10 s) until plumb() has given the namespace its address.
+            wait = (
+                "n=0; until ip -o addr show | grep -qF ' "
+                f"{self.address}/'; do n=$((n+1)); [ $n -gt 200 ] && exit 3; sleep 0.05; done"
+            )
+            script = f"{wait} && {script}"
+            unshare.append("--net")
         with (self.root / "libvirtd.out").open("wb") as out:
             self.proc = subprocess.Popen(
-                ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                [*unshare, "sh", "-c", script],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        if self.netns:
+            self.plumb()
+
+    def plumb(self) -> None:
+        """A veth pair from the host (``host_address``/30) into the daemon's network namespace
+        (``address``/30), and its loopback up. Both ends go when the namespace does."""
+        assert self.proc is not None
+        assert self.host_address is not None
+        pid = str(self.proc.pid)
+        ours = Path("/proc/self/ns/net").readlink()
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}/ns/net").readlink() == ours:  # until unshare() has run
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise LibvirtError(f"{self.name}: no network namespace of its own")
+            time.sleep(0.01)
+        suffix = f"{self.proc.pid % 100000}"
+        host_if, ns_if = f"mtvh{suffix}", f"mtvn{suffix}"
+
+        def ip(*args: str, inside: bool = False) -> None:
+            cmd = ["nsenter", "-t", pid, "-n", "ip", *args] if inside else ["ip", *args]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=10)
+            if done.returncode != 0:
+                raise LibvirtError(f"{self.name}: {' '.join(cmd)}: {done.stderr.strip()}")
+
+        ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if, "netns", pid)
+        ip("addr", "add", f"{self.host_address}/30", "dev", host_if)
+        ip("link", "set", host_if, "up")
+        ip("link", "set", "lo", "up", inside=True)
+        ip("addr", "add", f"{self.address}/30", "dev", ns_if, inside=True)
+        ip("link", "set", ns_if, "up", inside=True)
 
     def wait_ready(self, timeout_s: float = 30) -> None:
         """Wait until the daemon answers on its socket (it probes QEMU's capabilities first)."""
@@ -310,9 +353,25 @@ def copy_capabilities(source: Path, target: Path) -> None:
             shutil.copy2(f, target / f.name)
 
 
+def veth_addresses() -> tuple[str, str]:
+    """A random /30 in 10.200.0.0/14 that this host has no route into: (host end, far end)."""
+    routes = subprocess.run(
+        ["ip", "-4", "route", "show"], capture_output=True, text=True, check=False
+    ).stdout
+    rng = random.SystemRandom()
+    while True:
+        net = f"10.{rng.randrange(200, 204)}.{rng.randrange(0, 256)}"
+        last = rng.randrange(0, 64) * 4
+        if f"{net}." not in routes:
+            return f"{net}.{last + 1}", f"{net}.{last + 2}"
+
+
 @contextlib.contextmanager
 def libvirt_pair(
-    workdir: Path, *, migration_ports: tuple[int, int] = (49152, 49215)
+    workdir: Path,
+    *,
+    migration_ports: tuple[int, int] = (49152, 49215),
+    dst_netns: bool = False,
 ) -> Iterator[tuple[Libvirtd, Libvirtd]]:
     """A source and a destination daemon, each on its own random loopback address; both are
     stopped (by PID) when the block ends, also on failure.
@@ -325,9 +384,19 @@ def libvirt_pair(
     """
     require_libvirt()
     src_addr, dst_addr = loopback_addresses(2)
+    host_end = None
+    if dst_netns:
+        host_end, dst_addr = veth_addresses()
     daemons = (
         Libvirtd("src", workdir / "src", src_addr, migration_ports),
-        Libvirtd("dst", workdir / "dst", dst_addr, migration_ports),
+        Libvirtd(
+            "dst",
+            workdir / "dst",
+            dst_addr,
+            migration_ports,
+            netns=dst_netns,
+            host_address=host_end,
+        ),
     )
     src, dst = daemons
     try:

@@ -7,7 +7,7 @@ there (``--forward HOST``: the port the connection came in on). A fixed PORT, no
 migration port range: with a range, libvirt picks the port by binding the wildcard address
 (``virPortAllocatorBindToPort``), which fails on every port a tap on the same host listens on
 ("Unable to find an unused port in range 'migration'"); a ranged migtap must run on another
-host (or network namespace) than the destination's libvirtd.
+host (or network namespace) than the destination's libvirtd, as in the last test here.
 
 The guest keeps rewriting its RAM; after the migration it runs on at the destination.
 migtap's summary must say ``completed`` with libvirt's own page counts (``virsh domjobinfo
@@ -75,8 +75,14 @@ async def assert_runs_on(daemon: Libvirtd, domain: str, timeout_s: float = 10) -
 
 
 async def migrate_through_migtap(
-    daemons: tuple[Libvirtd, Libvirtd], guest_image: Path, domain: str, *flags: str
+    daemons: tuple[Libvirtd, Libvirtd],
+    guest_image: Path,
+    domain: str,
+    *flags: str,
+    port_range: tuple[int, int] | None = None,
 ) -> Migrated:
+    """``port_range``: migtap listens on the destination's migration port range and the
+    --migrateuri names no port (libvirt picks one); else on one port that the URI names."""
     src, dst = daemons
     xml = guest_image.parent / f"{domain}.xml"
     xml.write_text(domain_xml(domain, guest_image))
@@ -89,17 +95,15 @@ async def migrate_through_migtap(
         # The tap's listening port is also the destination QEMU's: libvirt makes it listen on
         # --listen-address at the --migrateuri's port, and migtap forwards to the port each
         # connection came in on (--forward HOST).
-        config = Config(
-            listen=Address("127.0.0.1", 0), forward=Address(dst.address, None), grace_period_s=2.0
-        )
+        listen = Address("127.0.0.1", *port_range) if port_range else Address("127.0.0.1", 0)
+        config = Config(listen=listen, forward=Address(dst.address, None), grace_period_s=2.0)
         with capture_logs() as logs:
             async with Relay(config, tap=TapSettings(progress_interval_s=0.2)) as relay:
-                port = relay.port
+                uri = "tcp://127.0.0.1" if port_range else f"tcp://127.0.0.1:{relay.port}"
                 t0 = time.monotonic()
                 await src.virsh(
                     "migrate", "--live", "--p2p", *flags, domain, dst.tcp_uri,
-                    "--migrateuri", f"tcp://127.0.0.1:{port}",
-                    "--listen-address", dst.address,
+                    "--migrateuri", uri, "--listen-address", dst.address,
                 )  # fmt: skip
                 elapsed = time.monotonic() - t0
                 async with asyncio.timeout(15):
@@ -170,3 +174,25 @@ async def test_postcopy(daemons: tuple[Libvirtd, Libvirtd], guest_image: Path) -
     assert any(e["event"] == "migration_phase" and e["phase"] == "postcopy" for e in m.logs)
     assert m.summary["postcopy_requests"] == m.stats["memory_postcopy_requests"]
     assert m.summary["bytes_dst_to_src"] > 0  # the return path, through migtap too
+
+
+async def test_multifd_through_a_port_range(
+    netns_daemons: tuple[Libvirtd, Libvirtd], guest_image: Path
+) -> None:
+    """libvirt's own way: ``--migrateuri tcp://TAP`` without a port, the destination's libvirt
+    picks one from its migration port range, and ``migtap listen TAP:FIRST-LAST --forward
+    DEST`` forwards each connection to DEST at the port it came in on. The destination daemon
+    runs in a network namespace of its own (a host of its own, over a veth pair): on the tap's
+    host, libvirt's port check would find every port of the range taken by migtap."""
+    src, dst = netns_daemons
+    m = await migrate_through_migtap(
+        netns_daemons, guest_image, "migtap-range", "--parallel", "--parallel-connections", "2",
+        port_range=dst.migration_ports,
+    )  # fmt: skip
+    assert_counts_are_libvirts(m)
+    assert m.summary["channel_kinds"] == ["main", "multifd", "multifd"]
+    (started,) = [e for e in m.logs if e["event"] == "session_started"]
+    first, last = dst.migration_ports
+    listener_port = int(started["listener"].rsplit(":", 1)[1])
+    assert first <= listener_port <= last, started
+    assert src.address.startswith("127.")
