@@ -229,6 +229,11 @@ async def test_nvme_11_to_11_ptr_markers(tmp_path: Path, make_relay: Any, qemu11
         src_qemu=qemu11,
         dst_qemu=qemu11,
     ) as pair:
+        # SeaBIOS sets up the controller's admin queue when it tries the NVMe disk as a boot
+        # device; it halts once every boot device failed: migrate after that.
+        async with asyncio.timeout(60):
+            while "HLT=1" not in await pair.src.hmp("info registers"):
+                await asyncio.sleep(0.2)
         info, logs = await tap_migration(pair, make_relay, TapSettings(capture_dir=root))
         await pair.assert_ram_identical()
     m = assert_pages_match(info, logs)
