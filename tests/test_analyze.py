@@ -155,7 +155,7 @@ def test_large_file_streams_in_chunks(tmp_path: Path, capsys: pytest.CaptureFixt
 
 def capture_directory(tmp_path: Path, *, corrupt_multifd: bool = False) -> Path:
     """A capture directory as CaptureSink writes it: main channel, two multifd channels (the
-    second sends page 0x3000 again at a packet boundary, as 7.2 does), a preempt channel."""
+    second sends the last page of the first one again, as 7.2 does), a preempt channel."""
     from tests.wire.mfd_streams import mfd_init, mfd_packet
 
     d = tmp_path / "capture"
@@ -165,8 +165,13 @@ def capture_directory(tmp_path: Path, *, corrupt_multifd: bool = False) -> Path:
     main += s.ram_section(SectionType.QEMU_VM_SECTION_PART, 2, [s.zero(0, "pc.ram")])
     main += s.ram_section(SectionType.QEMU_VM_SECTION_END, 2, []) + s.eof()
     (d / "src-to-dst.bin").write_bytes(main)
-    ch0 = mfd_init(0) + mfd_packet(packet_num=1, normal=2, offsets=[0x2000, 0x3000])
-    ch1 = mfd_init(1) + mfd_packet(packet_num=2, normal=2, zero=1, offsets=[0x3000, 0x4000, 0x5000])
+    # A full packet (128 pages), then one that starts with its last page again (7.2 does that
+    # only after a full packet).
+    full = [i * 0x1000 for i in range(128)]
+    ch0 = mfd_init(0) + mfd_packet(packet_num=1, normal=128, offsets=full)
+    ch1 = mfd_init(1) + mfd_packet(
+        packet_num=2, normal=2, zero=1, offsets=[full[-1], 0x80000, 0x81000]
+    )
     if corrupt_multifd:
         ch1 = ch1[:64] + b"\xff" * 4 + ch1[68:]  # the packet magic
     (d / "conn-1-multifd.src-to-dst.bin").write_bytes(ch0)
@@ -190,14 +195,14 @@ def test_a_capture_directory_counts_every_channel(
         ("conn-3-postcopy_preempt.src-to-dst.bin", "postcopy-preempt", None),
     ]
     assert doc["ram"]["all_channels"] == {
-        "normal_pages": 4,  # 2 + 2 on multifd, 1 on preempt, less the one sent twice
+        "normal_pages": 130,  # 128 + 2 on multifd, 1 on preempt, less the one sent twice
         "normal_pages_resent": 1,
         "zero_pages": 3,  # main, multifd, preempt: one each
         "xbzrle_pages": 0,
         "compressed_pages": 0,
     }
     code, out, _ = run(capsys, str(d))
-    assert "RAM pages, all channels: normal 4 (1 sent twice, counted once), zero 3" in out
+    assert "RAM pages, all channels: normal 130 (1 sent twice, counted once), zero 3" in out
     assert "conn-3-postcopy_preempt.src-to-dst.bin" in out
 
 
