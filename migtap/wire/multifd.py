@@ -19,6 +19,7 @@ Layout facts, all versions 7.2..master unless noted:
 
 from __future__ import annotations
 
+import collections
 import struct
 import uuid
 from dataclasses import dataclass
@@ -117,57 +118,71 @@ class MultifdStats:
 
 class ResentPages:
     """QEMU 7.2 multifd sometimes queues the last page of a full packet again, as the first page
-    of the next packet it sends, and counts it once in ``ram.normal`` (``multifd_queue_page()``
+    of the next packet it fills, and counts it once in ``ram.normal`` (``multifd_queue_page()``
     looks at the packet it just handed over, which the channel may have emptied already). Feed
     it every packet with pages, in any order close to the sending order; ``count`` is how many
     such repeats were seen.
 
-    "The next packet" is the nearest packet number with pages, not always ``num + 1``: a packet
-    sent by ``multifd_send_sync_main()`` takes the sync's number, so the number it was given
-    first never appears on the wire (seen in a real ``virsh migrate --parallel``).
+    Packet numbers only roughly follow the sending order: a sync renumbers the packets that
+    channels have not sent yet (real ``virsh migrate --parallel`` runs showed a repeat across a
+    number that never appeared, and one in a packet numbered after the next block's). So a
+    repeat is a packet whose first page is the last page of a full packet of the same block
+    within ``GAP`` numbers of it; each packet's first page counts at most once, and so does
+    each packet's last page.
     """
 
-    __slots__ = ("_linked", "_recent", "count")
+    __slots__ = ("_by_first", "_by_last", "_order", "_repeated_first", "_repeated_last", "count")
 
     WINDOW: ClassVar[int] = 1024  # channels interleave only within a few packets
-    GAP: ClassVar[int] = 64  # packet numbers a sync may skip: one per channel
+    GAP: ClassVar[int] = 64  # how far apart in numbers a packet and its repeat may be
 
     def __init__(self) -> None:
         self.count = 0
-        self._recent: dict[int, tuple[str, int, int, bool]] = {}
-        self._linked: set[int] = set()  # packets whose first page was counted as a repeat
+        self._by_first: dict[tuple[str, int], int] = {}  # (block, first page) -> packet
+        self._by_last: dict[tuple[str, int], int] = {}  # full packets: (block, last page)
+        self._order: collections.deque[tuple[int, tuple[str, int], tuple[str, int] | None]] = (
+            collections.deque()
+        )
+        self._repeated_first: set[int] = set()
+        self._repeated_last: set[int] = set()
 
     def note(self, packet: MultifdPacket) -> None:
         first, last = packet.first_page, packet.last_page
         if first is None or last is None:
             return
-        num, block, recent = packet.packet_num, packet.ramblock, self._recent
-        full = packet.normal_pages == packet.pages_alloc
-        prev = self._nearest(range(num - 1, num - 1 - self.GAP, -1))
-        if prev is not None:
-            p_block, _, p_last, p_full = recent[prev]
-            if p_full and p_block == block and p_last == first and num not in self._linked:
-                self._linked.add(num)
-                self.count += 1
-        nxt = self._nearest(range(num + 1, num + 1 + self.GAP))
-        if nxt is not None and full and nxt not in self._linked:
-            n_block, n_first, _, _ = recent[nxt]
-            if n_block == block and n_first == last:
-                self._linked.add(nxt)
-                self.count += 1
-        recent[num] = (block, first, last, full)
-        if len(recent) > self.WINDOW:
-            old = next(iter(recent))
-            del recent[old]
-            self._linked.discard(old)
+        num, block = packet.packet_num, packet.ramblock
+        first_key = (block, first)
+        last_key = (block, last) if packet.normal_pages == packet.pages_alloc else None
+        earlier = self._by_last.get(first_key)
+        if earlier is not None and self._near(earlier, num) and earlier not in self._repeated_last:
+            self._link(earlier, num)
+        if last_key is not None:
+            later = self._by_first.get(last_key)
+            if later is not None and self._near(later, num) and later not in self._repeated_first:
+                self._link(num, later)
+        self._by_first[first_key] = num
+        if last_key is not None:
+            self._by_last[last_key] = num
+        self._order.append((num, first_key, last_key))
+        if len(self._order) > self.WINDOW:
+            old, old_first, old_last = self._order.popleft()
+            if self._by_first.get(old_first) == old:
+                del self._by_first[old_first]
+            if old_last is not None and self._by_last.get(old_last) == old:
+                del self._by_last[old_last]
+            self._repeated_first.discard(old)
+            self._repeated_last.discard(old)
 
-    def _nearest(self, nums: range) -> int | None:
-        """The first packet number in ``nums`` seen with pages."""
-        recent = self._recent
-        for n in nums:
-            if n in recent:
-                return n
-        return None
+    def _near(self, other: int, num: int) -> bool:
+        return other != num and abs(other - num) <= self.GAP
+
+    def _link(self, full: int, repeat: int) -> None:
+        """``repeat``'s first page is ``full``'s last page, sent again."""
+        if repeat in self._repeated_first:
+            return
+        self._repeated_first.add(repeat)
+        self._repeated_last.add(full)
+        self.count += 1
 
 
 class _State(Enum):
