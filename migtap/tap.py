@@ -24,6 +24,7 @@ import structlog
 from migtap.decode import DeviceKeeper, run_inline
 from migtap.errors import StreamError, TruncatedStream
 from migtap.model import summarize
+from migtap.observers.base import Observer as ObserverBase
 from migtap.vocabulary import ChannelKind, Direction, Peer
 from migtap.wire.events import DeviceState, VmDescription
 from migtap.wire.multifd import MultifdParser
@@ -120,6 +121,8 @@ class SessionTap:
         self.log = (log if logger is None else logger).bind(session=migration.session_id)
         self.observers: tuple[Observer, ...] = tuple(observers)
         self._chunk_observers = tuple(o for o in self.observers if o.wants_chunks)
+        # Per event, only the observers that listen to events or model changes (most do not).
+        self._event_observers = tuple(o for o in self.observers if _hears_events(o))
         self.devices = DeviceKeeper(fallback=vmdesc)
         self.offload = offload
         self.clock = clock
@@ -249,7 +252,7 @@ class SessionTap:
         migration = self.migration
         for event in events:
             changes = self._apply(info, direction, event, now)
-            for observer in self.observers:
+            for observer in self._event_observers:
                 try:
                     observer.on_event(info, direction, event)
                     for change in changes:
@@ -454,6 +457,7 @@ class SessionTap:
             return
         self.observers = tuple(o for o in self.observers if o is not observer)
         self._chunk_observers = tuple(o for o in self._chunk_observers if o is not observer)
+        self._event_observers = tuple(o for o in self._event_observers if o is not observer)
         self.log.error(
             "observer_detached",
             observer=type(observer).__name__,
@@ -469,3 +473,9 @@ class SessionTap:
                 call(observer)
             except Exception as exc:  # noqa: BLE001 - an observer must never break the relay
                 self._detach(observer, exc)
+
+
+def _hears_events(observer: Observer) -> bool:
+    """Whether ``observer`` overrides ``on_event`` or ``on_change`` (the base's are no-ops)."""
+    cls = type(observer)
+    return cls.on_event is not ObserverBase.on_event or cls.on_change is not ObserverBase.on_change

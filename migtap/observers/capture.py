@@ -241,23 +241,12 @@ class CaptureObserver(Observer):
         """One index line, its ``t`` the model's time for the event (``migration.now``)."""
         if self.writer.failed or self._closed:
             return
-        direction = Direction(direction)
-        t = self.migration.now
         if isinstance(event, VmDescription):
             self._vmdesc_count += 1
             self.writer.replace(vmdesc_file_name(self._vmdesc_count), event.json_bytes)
-        try:
-            record = event_record(event, channel=channel.index, direction=direction, t=t)
-        except TypeError:
-            record = {
-                "v": FORMAT_VERSION,
-                "t": t,
-                "ch": channel.index,
-                "dir": direction.value,
-                "offset": None,
-                "kind": "unknown_event",
-                "repr": repr(event)[:200],
-            }
+        record = event_record(
+            event, channel=channel.index, direction=direction, t=self.migration.now
+        )
         self.writer.append_record(EVENTS_FILE, record)
         state = self._dirs.get((channel.index, direction))
         if state is not None and state.redactor is not None:

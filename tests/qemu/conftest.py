@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import subprocess
+import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -19,6 +22,33 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/qemu/" in str(item.path).replace("\\", "/"):
             item.add_marker(pytest.mark.qemu)
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def qemu_tree(script: str) -> Path:
+    """Build (once per machine) the Debian tree of another QEMU with ``scripts/<script>`` and
+    return it. Fails the test, never skips it, when it cannot be built."""
+    t0 = time.monotonic()
+    try:
+        # Under pytest-timeout's 300 s for the first test, so that a slow mirror gets this message.
+        done = subprocess.run(
+            ["bash", str(ROOT / "scripts" / script)],
+            capture_output=True,
+            text=True,
+            timeout=240,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"scripts/{script} still running after {e.timeout} s", pytrace=False)
+    if done.returncode != 0:
+        pytest.fail(
+            f"scripts/{script} failed ({done.returncode}) after {time.monotonic() - t0:.0f} s:\n"
+            f"{done.stderr[-4000:]}",
+            pytrace=False,
+        )
+    return Path(done.stdout.strip().splitlines()[-1])
 
 
 def relay_config(forward_port: int, **kw: object) -> Config:

@@ -10,16 +10,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import subprocess
-import time
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from structlog.testing import capture_logs
 
 from migtap.annotate.vmsd import VmDescription
 from migtap.tap import TapSettings
+from tests.qemu.conftest import qemu_tree
 from tests.qemu.harness import (
     HOST_QEMU,
     MiB,
@@ -45,33 +43,16 @@ from tests.qemu.test_tap import (
     xbzrle_capture,
 )
 
-pytestmark = pytest.mark.qemu10
+if TYPE_CHECKING:
+    from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.qemu10
 
 
 @pytest.fixture(scope="module")
 def qemu10() -> Qemu:
     """QEMU 10.0 from the trixie tree, built by scripts/qemu10.sh on first use (about 35 s)."""
-    t0 = time.monotonic()
-    try:
-        # Under pytest-timeout's 300 s for the first test, so that a slow mirror gets this message.
-        done = subprocess.run(
-            ["bash", str(ROOT / "scripts/qemu10.sh")],
-            capture_output=True,
-            text=True,
-            timeout=240,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"scripts/qemu10.sh still running after {e.timeout} s", pytrace=False)
-    if done.returncode != 0:
-        pytest.fail(
-            f"scripts/qemu10.sh failed ({done.returncode}) after {time.monotonic() - t0:.0f} s:\n"
-            f"{done.stderr[-4000:]}",
-            pytrace=False,
-        )
-    return Qemu.trixie(Path(done.stdout.strip().splitlines()[-1]))
+    return Qemu.trixie(qemu_tree("qemu10.sh"))
 
 
 async def qemu_version(tmp_path: Path, qemu: Qemu) -> tuple[int, int]:

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import time
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from migtap.annotate.vmsd import VmDescription
 from migtap.tap import TapSettings
+from tests.qemu.conftest import qemu_tree
 from tests.qemu.harness import (
     HOST_QEMU,
     Qemu,
@@ -38,33 +36,16 @@ from tests.qemu.test_tap import (
     xbzrle_capture,
 )
 
-pytestmark = [pytest.mark.qemu11, ONE_LOOP]
+if TYPE_CHECKING:
+    from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.qemu11, ONE_LOOP]
 
 
 @pytest.fixture(scope="module")
 def qemu11() -> Qemu:
     """QEMU 11.1 from the sid tree, built by scripts/qemu11.sh on first use (about 40 s)."""
-    t0 = time.monotonic()
-    try:
-        # Under pytest-timeout's 300 s for the first test, so that a slow mirror gets this message.
-        done = subprocess.run(
-            ["bash", str(ROOT / "scripts/qemu11.sh")],
-            capture_output=True,
-            text=True,
-            timeout=240,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"scripts/qemu11.sh still running after {e.timeout} s", pytrace=False)
-    if done.returncode != 0:
-        pytest.fail(
-            f"scripts/qemu11.sh failed ({done.returncode}) after {time.monotonic() - t0:.0f} s:\n"
-            f"{done.stderr[-4000:]}",
-            pytrace=False,
-        )
-    return Qemu.sid(Path(done.stdout.strip().splitlines()[-1]))
+    return Qemu.sid(qemu_tree("qemu11.sh"))
 
 
 def session(capture: Path) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from migtap.relay.server import Relay
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
+    from pathlib import Path
 
 
 @dataclass
@@ -41,7 +42,11 @@ async def sink_handler(
 @contextlib.asynccontextmanager
 async def fake_destination(
     handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter, Received], Awaitable[None]],
+    *,
+    unix_path: Path | None = None,
 ) -> AsyncIterator[tuple[int, list[Received]]]:
+    """A destination on 127.0.0.1 (its port), or on the unix socket ``unix_path`` (port 0),
+    and what each of its connections received."""
     conns: list[Received] = []
     writers: list[asyncio.StreamWriter] = []
 
@@ -56,14 +61,21 @@ async def fake_destination(
         finally:
             writer.close()
 
-    server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
+    if unix_path is None:
+        server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+    else:
+        server = await asyncio.start_unix_server(on_conn, str(unix_path))
+        port = 0
     try:
-        yield server.sockets[0].getsockname()[1], conns
+        yield port, conns
     finally:
         for w in writers:
             w.close()
         server.close()
         await server.wait_closed()
+        if unix_path is not None:
+            unix_path.unlink(missing_ok=True)  # noqa: ASYNC240 - a test's clean-up
 
 
 def relay_for(port: int, **kw: object) -> Relay:

@@ -49,29 +49,8 @@ async def fake_unix_destination(
     path: Path,
     handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter, Received], Awaitable[None]],
 ) -> AsyncIterator[list[Received]]:
-    conns: list[Received] = []
-    writers: list[asyncio.StreamWriter] = []
-
-    async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        rec = Received()
-        conns.append(rec)
-        writers.append(writer)
-        try:
-            await handler(reader, writer, rec)
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_unix_server(on_conn, str(path))
-    try:
+    async with fake_destination(handler, unix_path=path) as (_, conns):
         yield conns
-    finally:
-        for w in writers:
-            w.close()
-        server.close()
-        await server.wait_closed()
-        path.unlink(missing_ok=True)  # noqa: ASYNC240 - a test's clean-up
 
 
 async def wait_sessions(relay: Relay, n: int = 1) -> None:
